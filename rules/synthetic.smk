@@ -1,0 +1,59 @@
+# The synthetic cohort (config `cohort: synthetic`): femur phantoms with known truth, written as
+# clinical-CT and HR-pQCT DICOM series.
+
+
+rule synthesize_subject:
+    output:
+        lr=directory(f"{SYNTH_ROOT}/{{subject}}/lr_dicom"),
+        hr=directory(f"{SYNTH_ROOT}/{{subject}}/hr_dicom"),
+        truth=directory(f"{SYNTH_ROOT}/{{subject}}/truth"),
+    params:
+        synthetic=config["synthetic"],
+        seed=config["seed"],
+        index=subject_index,
+    log:
+        "logs/synthetic/{subject}.log",
+    benchmark:
+        "benchmarks/results/synthesize_subject/{subject}.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=20,
+    script:
+        "../workflow_scripts/synthesize_subject.py"
+
+
+rule synthesize_cohort:
+    input:
+        lr=synthetic_outputs("lr"),
+        hr=synthetic_outputs("hr"),
+        truth=synthetic_outputs("truth"),
+    output:
+        sheet=f"{SYNTH_ROOT}/subjects.tsv",
+        morphometry=report(
+            f"{SYNTH_ROOT}/truth_morphometry.tsv",
+            caption="../report/truth_morphometry.rst",
+            category="Synthetic cohort",
+        ),
+        summary=f"{SYNTH_ROOT}/subjects_summary.tsv",
+        ranges=report(
+            f"{SYNTH_ROOT}/truth_ranges.tsv",
+            caption="../report/truth_ranges.rst",
+            category="Synthetic cohort",
+        ),
+        preview=report(
+            f"{SYNTH_ROOT}/preview.png",
+            caption="../report/preview.rst",
+            category="Synthetic cohort",
+        ),
+    params:
+        subjects=SUBJECTS,
+        preview_subject=SUBJECTS[0],
+    log:
+        "logs/synthetic/cohort.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../workflow_scripts/synthesize_cohort.py"

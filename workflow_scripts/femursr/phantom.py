@@ -1,0 +1,467 @@
+"""Synthetic cohort: left proximal femur phantoms with known truth, as clinical-CT and HR-pQCT scans.
+
+For each subject a continuous femur (``femursr.geometry``) with a per-subject size, neck-shaft
+angle, anteversion, cortical thickness and an oriented trabecular network of plates and rods
+(``femursr.trabecular``, BV/TV and spacing per region scaled by a per-subject bone-loss factor)
+is sampled twice:
+
+* HR-pQCT-like: isotropic grid aligned with the femur frame, the specimen alone (ex situ, cut
+  below the lesser trochanter, in water), a mild Gaussian blur and white noise;
+* clinical-CT-like: 0.98 x 0.98 x 0.65 mm grid in the patient frame, the femur in a random
+  rigid pose, with surrounding soft tissue, fat, air and the pelvis (acetabulum, ilium,
+  ischium, pubis), box-integrated over each voxel, blurred by a clinical point-spread function
+  and given spatially correlated noise at the configured SNR in the femur.
+
+The truth (tissue and region maps on the HR grid, the femur mask on both grids, the rigid pose
+HR -> LR, and Hildebrand morphometry per region) is written beside the DICOM series.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from scipy.ndimage import gaussian_filter
+
+from .dicomio import write_ct_series
+from .geometry import REGION_IDS, REGION_NAMES, Body, FemurShape, Pelvis, rotation_angle_deg, rotation_matrix
+from .morphometry import morphometry
+from .trabecular import RegionStructure, TrabecularNetwork, blended_structure
+
+log = logging.getLogger(__name__)
+
+FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+REGION_ORDER = ("head", "neck", "trochanter", "shaft")
+
+
+@dataclass
+class Subject:
+    """Everything drawn for one synthetic subject."""
+
+    subject_id: str
+    shape: FemurShape
+    networks: list
+    structure: dict  # region -> RegionStructure
+    size: float
+    bone_loss: float
+    rotation: np.ndarray  # HR (femur) frame -> LR (patient) frame
+    translation: np.ndarray
+    z_cut: float
+    pelvis: Pelvis
+    body: Body
+
+
+def subject_rng(seed: int, index: int) -> np.random.Generator:
+    """Independent, reproducible random stream of subject ``index`` in a cohort of ``seed``."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
+
+
+def draw_subject(cfg: dict, seed: int, index: int, subject_id: str) -> Subject:
+    """Draw the anatomy, bone quality and pose of one subject from the ``synthetic`` config."""
+    rng = subject_rng(seed, index)
+    size = float(np.clip(1.0 + cfg["size_sd"] * rng.normal(), 0.8, 1.2))
+    s = cfg["anatomy_scale"] * size
+    nsa = rng.uniform(*cfg["neck_shaft_angle_deg"])
+    av = rng.uniform(*cfg["anteversion_deg"])
+    shape = FemurShape(
+        head_radius=23.0 * s,
+        neck_length=52.0 * s,
+        neck_shaft_angle_deg=nsa,
+        anteversion_deg=av,
+        neck_radius_base=15.5 * s,
+        neck_radius_head=13.0 * s,
+        shaft_radius=14.0 * s,
+        scale=s,
+        cortex_mm={k: float(v) * float(np.clip(1 + 0.1 * rng.normal(), 0.75, 1.25)) for k, v in cfg["cortex_mm"].items()},
+        cortex_min_mm=cfg["cortex_min_mm"],
+    )
+    bone_loss = float(rng.uniform(*cfg["bone_loss"]))
+    jit = cfg["region_jitter"]
+    directions = {
+        # principal compressive group: from the superior head down to the medial cortex
+        "head": np.array([-np.sin(np.deg2rad(20)), 0.0, np.cos(np.deg2rad(20))]),
+        "neck": shape.neck_axis,
+        "trochanter": np.array([0.15, 0.0, 1.0]),
+        "shaft": np.array([0.0, 0.0, 1.0]),
+    }
+    structure = {}
+    for r in REGION_ORDER:
+        t = cfg["trabecular"][r]
+        bvtv = t["bvtv"] * bone_loss * float(np.clip(1 + jit * rng.normal(), 0.7, 1.3))
+        period = t["period_mm"] * bone_loss**-0.5 * float(np.clip(1 + 0.5 * jit * rng.normal(), 0.8, 1.2))
+        structure[r] = RegionStructure(min(bvtv, 0.9), period, t["rod_fraction"], directions[r])
+    networks = [TrabecularNetwork(rng, structure[r], n_waves=cfg["n_waves"]) for r in REGION_ORDER]
+
+    lr = cfg["lr"]
+    axis = rng.normal(size=3)
+    angle = np.deg2rad(rng.uniform(0, lr["max_rotation_deg"]))
+    rot = rotation_matrix(axis, angle)
+    shift = rng.normal(size=3)
+    shift *= rng.uniform(0, lr["max_translation_mm"]) / np.linalg.norm(shift)
+    # the patient lies shifted in the scanner by `shift`; the left hip is 85 mm (adult) from
+    # the midline, and the leg is turned about the hip by `rot`
+    head_nominal = np.array([85.0 * s, 0.0, 0.0])
+    head_pat = head_nominal + shift
+    # the leg turns about the hip: p_LR = R (p_HR - c_head) + c_head_patient
+    translation = head_pat - rot @ shape.head_center
+    z_cut = shape.lt_bottom - cfg["hr"]["cut_below_lesser_trochanter_mm"] * s
+    pelvis = Pelvis(head_pat, shape.head_radius, lr["joint_gap_mm"], s, lr["pelvis_cortex_mm"] * s)
+    body = Body((190.0 * s, 125.0 * s), lr["fat_mm"] * s, centre=(float(shift[0]), float(shift[1])))
+    return Subject(subject_id, shape, networks, structure, size, bone_loss, rot, translation, z_cut, pelvis, body)
+
+
+# ---------------------------------------------------------------------------- femur tissue
+def femur_tissue(subj: Subject, q: np.ndarray, z_cut: float | None = None, candidates=None):
+    """Tissue class (0 outside, 1 marrow, 2 trabecular bone, 3 cortex) at femur-frame points ``q``.
+
+    Also returns the signed distance. With ``z_cut`` the femur ends there (the HR specimen).
+    ``candidates`` (bool) restricts the evaluation to points that may be inside; the others are
+    outside (their distance is reported as +inf).
+    """
+    shape = subj.shape
+    if candidates is None:
+        d = shape.sdf(q)
+    else:
+        d = np.full(q.shape[0], np.inf, np.float32)
+        d[candidates] = shape.sdf(q[candidates])
+    inside = d < 0
+    if z_cut is not None:
+        inside &= q[:, 2] > z_cut
+    tissue = np.zeros(q.shape[0], np.uint8)
+    idx = np.flatnonzero(inside)
+    if idx.size:
+        qi = q[idx]
+        w = shape.region_weights(qi)
+        cortex = d[idx] > -shape.cortex_thickness(qi, w)
+        t = np.where(cortex, 3, 1).astype(np.uint8)
+        comp = ~cortex
+        if comp.any():
+            trab = blended_structure(qi[comp].astype(np.float32), w[comp], subj.networks)
+            t[np.flatnonzero(comp)[trab]] = 2
+        tissue[idx] = t
+    return tissue, d
+
+
+def _grid_points(origin, spacing, shape_zyx, z0, z1, direction=None):
+    """Physical points (M, 3) of grid slices z0:z1, ordered like array[z0:z1].ravel()."""
+    nz, ny, nx = shape_zyx
+    zz, yy, xx = np.meshgrid(np.arange(z0, z1), np.arange(ny), np.arange(nx), indexing="ij")
+    ijk = np.stack([xx.ravel(), yy.ravel(), zz.ravel()], axis=1).astype(np.float64)
+    ijk *= np.asarray(spacing, float)
+    if direction is not None:
+        ijk = ijk @ np.asarray(direction, float).T
+    return (ijk + np.asarray(origin, float)).astype(np.float32)
+
+
+@dataclass
+class Volume:
+    """A 3D array (z, y, x) with its geometry (spacing (x, y, z) mm, LPS origin, direction)."""
+
+    array: np.ndarray
+    spacing: tuple
+    origin: tuple
+    direction: tuple = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+
+    def to_sitk(self) -> sitk.Image:
+        img = sitk.GetImageFromArray(self.array)
+        img.SetSpacing([float(v) for v in self.spacing])
+        img.SetOrigin([float(v) for v in self.origin])
+        img.SetDirection([float(v) for v in np.ravel(self.direction)])
+        return img
+
+
+def render_hr(subj: Subject, cfg: dict, rng: np.random.Generator):
+    """HR-pQCT-like scan of the specimen. Returns (image HU, tissue map, region map) as Volumes."""
+    hr = cfg["hr"]
+    vox = float(hr["voxel_mm"])
+    lo, hi = subj.shape.bounding_box(subj.z_cut)
+    lo = lo - hr["margin_mm"]
+    hi = hi + hr["margin_mm"]
+    n_xyz = np.ceil((hi - lo) / vox).astype(int) + 1
+    shp = (int(n_xyz[2]), int(n_xyz[1]), int(n_xyz[0]))
+    spacing = (vox, vox, vox)
+    tissue = np.zeros(shp, np.uint8)
+    regions = np.zeros(shp, np.uint8)
+    # coarse pass (every 4th voxel) to skip the points far outside the femur
+    step = 4
+    cshape = tuple(-(-n // step) for n in shp)
+    coarse = subj.shape.sdf(_grid_points(lo, np.array(spacing) * step, cshape, 0, cshape[0])).reshape(cshape)
+    near = coarse < 1.0 + step * vox * np.sqrt(3)
+    slab = max(1, int(2_000_000 // (shp[1] * shp[2])))
+    for z0 in range(0, shp[0], slab):
+        z1 = min(shp[0], z0 + slab)
+        q = _grid_points(lo, spacing, shp, z0, z1)
+        iz, iy, ix = np.meshgrid(
+            (np.arange(z0, z1) + step // 2) // step, (np.arange(shp[1]) + step // 2) // step,
+            (np.arange(shp[2]) + step // 2) // step, indexing="ij",
+        )  # fmt: skip
+        cand = near[np.minimum(iz, cshape[0] - 1), np.minimum(iy, cshape[1] - 1), np.minimum(ix, cshape[2] - 1)]
+        t, _ = femur_tissue(subj, q, z_cut=subj.z_cut, candidates=cand.ravel())
+        reg = np.zeros(q.shape[0], np.uint8)
+        inside = np.flatnonzero(t > 0)
+        if inside.size:
+            masks = subj.shape.region_masks(q[inside])
+            for name, m in masks.items():
+                reg[inside[m]] = REGION_IDS[name]
+        tissue[z0:z1] = t.reshape(z1 - z0, shp[1], shp[2])
+        regions[z0:z1] = reg.reshape(z1 - z0, shp[1], shp[2])
+    bone = (tissue == 2) | (tissue == 3)
+    img = np.full(shp, hr["medium_hu"], np.float32)
+    img[tissue == 1] = hr["marrow_hu"]
+    img[bone] = hr["bone_hu"]
+    img = gaussian_filter(img, hr["psf_fwhm_mm"] * FWHM_TO_SIGMA / vox)
+    img += rng.normal(0, hr["noise_hu"], size=shp).astype(np.float32)
+    origin = tuple(float(v) for v in lo)
+    return Volume(img, spacing, origin), Volume(tissue, spacing, origin), Volume(regions, spacing, origin)
+
+
+def _lr_density(subj: Subject, cfg_lr: dict, p: np.ndarray):
+    """HU of the noiseless in-situ object at patient-frame points ``p``; also the femur indicator."""
+    q = ((p - subj.translation) @ subj.rotation).astype(np.float32)  # patient -> femur frame
+    t_f, _ = femur_tissue(subj, q)
+    hu = cfg_lr["tissue_hu"]
+    d_body = subj.body.sdf(p)
+    out = np.full(p.shape[0], hu["air"], np.float32)
+    out[d_body < 0] = hu["muscle"]
+    out[(d_body < 0) & (d_body > -subj.body.fat_mm)] = hu["fat"]
+    d_p = subj.pelvis.sdf(p)
+    # the pelvis keeps its joint gap from the femur whatever the leg's pose
+    pel = d_p < 0
+    out[pel] = hu["pelvis_trabecular"]
+    out[pel & (d_p > -subj.pelvis.cortex_mm)] = hu["bone"]
+    out[t_f == 1] = hu["marrow"]
+    out[t_f >= 2] = hu["bone"]
+    return out, (t_f > 0)
+
+
+def render_lr(subj: Subject, cfg: dict, rng: np.random.Generator, hr_box: tuple):
+    """Clinical-CT-like scan in the patient frame. Returns (image HU, femur mask, info dict)."""
+    lr = cfg["lr"]
+    sp = np.asarray(lr["spacing_mm"], float)  # x, y, z
+    lo, hi = hr_box  # femur frame box of the specimen
+    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+    pc = corners @ subj.rotation.T + subj.translation
+    centre = 0.5 * (pc.min(0) + pc.max(0))
+    fov = np.maximum(np.asarray(lr["fov_mm"], float), pc.max(0) - pc.min(0) + 4 * sp)
+    n_xyz = np.ceil(fov / sp).astype(int)
+    origin = centre - 0.5 * (n_xyz - 1) * sp
+    shp = (int(n_xyz[2]), int(n_xyz[1]), int(n_xyz[0]))
+    p = _grid_points(origin, sp, shp, 0, shp[0])
+    # box integration over each voxel: sub-sample only where an edge can fall inside the voxel
+    half_diag = 0.5 * float(np.linalg.norm(sp)) + 0.5
+    q = ((p - subj.translation) @ subj.rotation).astype(np.float32)
+    near = (subj.shape.sdf(q) < half_diag) | (np.abs(subj.pelvis.sdf(p)) < half_diag)
+    near |= np.abs(subj.body.sdf(p)) < half_diag
+    near |= np.abs(subj.body.sdf(p) + subj.body.fat_mm) < half_diag
+    dens, fem = _lr_density(subj, lr, p[~near])
+    img = np.empty(p.shape[0], np.float32)
+    femf = np.zeros(p.shape[0], np.float32)
+    img[~near] = dens
+    femf[~near] = fem
+    f = np.asarray(lr["supersample"], int)
+    offs = np.stack(
+        np.meshgrid(*[((np.arange(f[a]) + 0.5) / f[a] - 0.5) * sp[a] for a in range(3)], indexing="ij"), -1
+    ).reshape(-1, 3)
+    idx = np.flatnonzero(near)
+    for c0 in range(0, idx.size, 50_000):
+        ci = idx[c0 : c0 + 50_000]
+        pts = (p[ci, None, :] + offs[None].astype(np.float32)).reshape(-1, 3)
+        d, fm = _lr_density(subj, lr, pts)
+        img[ci] = d.reshape(ci.size, -1).mean(1)
+        femf[ci] = fm.reshape(ci.size, -1).mean(1)
+    img = img.reshape(shp)
+    femur_mask = (femf.reshape(shp) >= 0.5).astype(np.uint8)
+    sigma = np.asarray(lr["psf_fwhm_mm"], float) * FWHM_TO_SIGMA / sp  # x, y, z in voxels
+    img = gaussian_filter(img, sigma[::-1])
+    # noise: correlated (reconstruction kernel), scaled so that mean/std in the femur = SNR
+    fm = femur_mask.astype(bool)
+    mean, std_struct = float(img[fm].mean()), float(img[fm].std())
+    want = (mean / lr["snr"]) ** 2 - std_struct**2
+    noise_sd = max(float(np.sqrt(want)) if want > 0 else 0.0, lr["noise_hu_min"])
+    noise = gaussian_filter(rng.normal(size=shp).astype(np.float32), lr["noise_correlation_vox"])
+    noise *= noise_sd / noise.std()
+    img = img + noise
+    snr = float(img[fm].mean() / img[fm].std())
+    info = {"noise_hu": noise_sd, "snr_femur": snr, "femur_mean_hu": float(img[fm].mean())}
+    vol = Volume(img.astype(np.float32), tuple(sp), tuple(origin))
+    return vol, Volume(femur_mask, tuple(sp), tuple(origin)), info
+
+
+def truth_morphometry(subject_id: str, tissue: Volume, regions: Volume) -> pd.DataFrame:
+    """Tidy table (subject, method=truth, region, metric, value, unit) on the HR truth."""
+    t = tissue.array
+    sp_zyx = tuple(tissue.spacing[::-1])
+    res = morphometry(t == 2, (t == 1) | (t == 2), sp_zyx, regions.array, REGION_NAMES)
+    rows = []
+    for region, m in res.items():
+        for metric, value, unit in (
+            ("BV/TV", m.bv_tv, "1"),
+            ("Tb.Th", m.tb_th_mm, "mm"),
+            ("Tb.Sp", m.tb_sp_mm, "mm"),
+            ("Tb.N", m.tb_n_per_mm, "1/mm"),
+        ):
+            rows.append((subject_id, "truth", region, metric, value, unit))
+    return pd.DataFrame(rows, columns=["subject", "method", "region", "metric", "value", "unit"])
+
+
+def pose_transform(subj: Subject) -> sitk.Euler3DTransform:
+    """The true rigid transform as ITK uses it for registration: HR (fixed) point -> LR (moving) point."""
+    tfm = sitk.Euler3DTransform()
+    tfm.SetMatrix([float(v) for v in subj.rotation.ravel()])
+    tfm.SetTranslation([float(v) for v in subj.translation])
+    return tfm
+
+
+def _write_nifti(vol: Volume, path: Path):
+    sitk.WriteImage(vol.to_sitk(), str(path), useCompression=True)
+
+
+def synthesize_subject(
+    subject_id: str, index: int, cfg: dict, seed: int, lr_dir, hr_dir, truth_dir
+) -> dict:
+    """Draw, render and write one subject. Outputs appear only once complete (temp + rename)."""
+    subj = draw_subject(cfg, seed, index, subject_id)
+    rng = subject_rng(seed, 10_000 + index)
+    hr_img, tissue, regions = render_hr(subj, cfg, rng)
+    log.info("%s: HR grid %s at %.3f mm", subject_id, hr_img.array.shape, cfg["hr"]["voxel_mm"])
+    lo = np.asarray(hr_img.origin)
+    hi = lo + (np.asarray(hr_img.array.shape[::-1]) - 1) * np.asarray(hr_img.spacing)
+    lr_img, lr_mask, lr_info = render_lr(subj, cfg, rng, (lo, hi))
+    log.info("%s: LR grid %s, SNR in femur %.2f", subject_id, lr_img.array.shape, lr_info["snr_femur"])
+    morph = truth_morphometry(subject_id, tissue, regions)
+
+    truth_dir = Path(truth_dir)
+    truth_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{truth_dir.name}.tmp", dir=truth_dir.parent))
+    try:
+        femur = Volume((tissue.array > 0).astype(np.uint8), tissue.spacing, tissue.origin)
+        _write_nifti(femur, tmp / "femur_mask.nii.gz")
+        _write_nifti(tissue, tmp / "tissue.nii.gz")
+        _write_nifti(regions, tmp / "regions.nii.gz")
+        _write_nifti(lr_mask, tmp / "femur_mask_lr.nii.gz")
+        sitk.WriteTransform(pose_transform(subj), str(tmp / "pose.tfm"))
+        morph.to_csv(tmp / "morphometry.tsv", sep="\t", index=False, float_format="%.6g")
+        record = {
+            "subject": subject_id,
+            "index": index,
+            "seed": seed,
+            "size_factor": subj.size,
+            "anatomy_scale": cfg["anatomy_scale"],
+            "neck_shaft_angle_deg": subj.shape.neck_shaft_angle_deg,
+            "anteversion_deg": subj.shape.anteversion_deg,
+            "head_radius_mm": subj.shape.head_radius,
+            "bone_loss_factor": subj.bone_loss,
+            "structure": {
+                r: {"bvtv_target": s.bvtv, "period_mm": s.period_mm, "rod_fraction": s.rod_fraction}
+                for r, s in subj.structure.items()
+            },
+            "cortex_mm": {k: v * subj.shape.scale for k, v in subj.shape.cortex_mm.items()},
+            "pose": {
+                "convention": "p_LR = R @ p_HR + t (LPS mm); the ITK transform HR(fixed) -> LR(moving)",
+                "R": subj.rotation.tolist(),
+                "t": subj.translation.tolist(),
+                "rotation_deg": rotation_angle_deg(subj.rotation),
+                "head_centre_hr": subj.shape.head_center.tolist(),
+                "head_centre_lr": (subj.rotation @ subj.shape.head_center + subj.translation).tolist(),
+            },
+            "hr_cut_z_mm": subj.z_cut,
+            "hr_grid": {"shape_zyx": list(hr_img.array.shape), "spacing": hr_img.spacing, "origin": hr_img.origin},
+            "lr_grid": {"shape_zyx": list(lr_img.array.shape), "spacing": lr_img.spacing, "origin": lr_img.origin},
+            "lr_noise": lr_info,
+        }
+        (tmp / "subject.json").write_text(json.dumps(record, indent=2))
+        write_ct_series(
+            lr_img.array, lr_img.spacing, lr_img.origin, np.eye(3), Path(lr_dir),
+            patient_id=subject_id, series_description="synthetic clinical CT, hip",
+            uid_key=f"{seed}/{subject_id}/lr", series_number=2,
+            slice_thickness=cfg["lr"]["psf_fwhm_mm"][2], kvp=120, model_name="clinical CT phantom",
+        )  # fmt: skip
+        write_ct_series(
+            hr_img.array, hr_img.spacing, hr_img.origin, np.eye(3), Path(hr_dir),
+            patient_id=subject_id, series_description="synthetic HR-pQCT, left proximal femur ex situ",
+            uid_key=f"{seed}/{subject_id}/hr", series_number=3, kvp=59.4, model_name="HR-pQCT phantom",
+            study_date="20260102",
+        )  # fmt: skip
+        if truth_dir.exists():
+            shutil.rmtree(truth_dir)
+        os.replace(tmp, truth_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return record
+
+
+# The HR column of the paper's Table 1 (mean, SD over 50 subjects; lengths in mm).
+PAPER_HR = {
+    ("head", "BV/TV"): (0.56, 0.06), ("head", "Tb.Th"): (0.58, 0.08),
+    ("head", "Tb.Sp"): (0.64, 0.05), ("head", "Tb.N"): (0.82, 0.06),
+    ("neck", "BV/TV"): (0.11, 0.10), ("neck", "Tb.Th"): (0.35, 0.14),
+    ("neck", "Tb.Sp"): (3.5, 6.0), ("neck", "Tb.N"): (0.53, 0.25),
+    ("trochanter", "BV/TV"): (0.11, 0.09), ("trochanter", "Tb.Th"): (0.30, 0.05),
+    ("trochanter", "Tb.Sp"): (1.6, 0.8), ("trochanter", "Tb.N"): (0.60, 0.18),
+}  # fmt: skip
+
+
+def truth_ranges(morph: pd.DataFrame) -> pd.DataFrame:
+    """Cohort mean, SD, min and max of the truth morphometry per region and metric, beside the
+    paper's HR column."""
+    g = morph.groupby(["region", "metric"])["value"]
+    out = g.agg(["mean", "std", "min", "max"]).reset_index()
+    out["paper_hr_mean"] = [PAPER_HR.get((r, m), (np.nan, np.nan))[0] for r, m in zip(out.region, out.metric)]
+    out["paper_hr_sd"] = [PAPER_HR.get((r, m), (np.nan, np.nan))[1] for r, m in zip(out.region, out.metric)]
+    order = {r: i for i, r in enumerate(REGION_ORDER)}
+    morder = {m: i for i, m in enumerate(("BV/TV", "Tb.Th", "Tb.Sp", "Tb.N"))}
+    out = out.sort_values(["region", "metric"], key=lambda c: c.map(order if c.name == "region" else morder))
+    return out.reset_index(drop=True)
+
+
+def _atomic_csv(df: pd.DataFrame, path, **kw):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_csv(tmp, sep="\t", index=False, **kw)
+    os.replace(tmp, path)
+
+
+def summarize_cohort(subjects, lr_dirs, hr_dirs, truth_dirs, sheet, morphometry, summary, ranges, preview, preview_subject):
+    """Write the synthetic cohort's subjects sheet, all truth morphometry (long form), the
+    per-subject parameters with the truth ranges next to the paper's, and a preview PNG."""
+    from .cohort import load_subjects
+    from .figures import subject_preview
+
+    subjects = list(subjects)
+    sheet_df = pd.DataFrame({"subject": subjects, "lr": list(lr_dirs), "hr": list(hr_dirs), "split": ""})
+    recs, morphs = [], []
+    for s, t in zip(subjects, truth_dirs):
+        rec = json.loads((Path(t) / "subject.json").read_text())
+        recs.append(
+            {
+                "subject": s,
+                "size_factor": rec["size_factor"],
+                "neck_shaft_angle_deg": rec["neck_shaft_angle_deg"],
+                "anteversion_deg": rec["anteversion_deg"],
+                "bone_loss_factor": rec["bone_loss_factor"],
+                "pose_rotation_deg": rec["pose"]["rotation_deg"],
+                "lr_snr_femur": rec["lr_noise"]["snr_femur"],
+                "lr_noise_hu": rec["lr_noise"]["noise_hu"],
+            }
+        )
+        morphs.append(pd.read_csv(Path(t) / "morphometry.tsv", sep="\t"))
+    morph = pd.concat(morphs, ignore_index=True)
+    for col in ("size_factor", "neck_shaft_angle_deg", "bone_loss_factor"):
+        sheet_df[col] = [round(r[col], 4) for r in recs]
+    _atomic_csv(sheet_df, sheet)
+    load_subjects(sheet)  # the sheet we wrote must pass the same checks as a user's
+    _atomic_csv(morph, morphometry, float_format="%.6g")
+    _atomic_csv(pd.DataFrame(recs), summary, float_format="%.5g")
+    _atomic_csv(truth_ranges(morph), ranges, float_format="%.4g")
+    i = subjects.index(preview_subject) if preview_subject in subjects else 0
+    subject_preview(lr_dirs[i], hr_dirs[i], truth_dirs[i], preview)

@@ -1,0 +1,54 @@
+"""Glue between Snakemake rule scripts and the package: logging, and running scripts by hand."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+
+@contextlib.contextmanager
+def script_logging(log_path: str | None):
+    """Send this script's logging (and any traceback) to the rule's log file."""
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_path, mode="w"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", handlers=handlers, force=True)
+    try:
+        yield logging.getLogger("femursr")
+    except Exception:
+        logging.getLogger("femursr").error("failed:\n%s", traceback.format_exc())
+        raise
+
+
+class _Named(list):
+    """A list whose items are also attributes, like snakemake's input/output/params."""
+
+    def __init__(self, items: dict):
+        super().__init__(items.values())
+        for k, v in items.items():
+            setattr(self, k, v)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return getattr(self, key)
+        return super().__getitem__(key)
+
+
+def mock_snakemake(*, input=None, output=None, params=None, log=None, wildcards=None, threads=1):
+    """A stand-in for the ``snakemake`` object, to run a rule script by hand for debugging:
+
+    >>> snakemake = mock_snakemake(output={"truth": "x/truth"}, params={...}, log=["x.log"])
+    """
+    return SimpleNamespace(
+        input=_Named(input or {}),
+        output=_Named(output or {}),
+        params=_Named(params or {}),
+        wildcards=_Named(wildcards or {}),
+        log=list(log or [None]),
+        threads=threads,
+    )
