@@ -1,4 +1,4 @@
-# Helpers shared by all rule files: the cohort, wildcard constraints, parameter slices and the
+# Helpers shared by the workflow: the cohort, wildcard constraints, parameter slices and the
 # list of final targets. Rule files hold rules only.
 import sys
 from pathlib import Path
@@ -35,7 +35,7 @@ def subject_index(wildcards):
 
 
 def synthetic_outputs(name):
-    """Paths of one output of rule synthesize_subject for every subject."""
+    """Paths of one output of synthesize_subject, for every subject."""
     return expand(getattr(rules.synthesize_subject.output, name), subject=SUBJECTS)
 
 

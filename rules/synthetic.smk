@@ -7,18 +7,20 @@ rule synthesize_subject:
         lr=directory(f"{SYNTH_ROOT}/{{subject}}/lr_dicom"),
         hr=directory(f"{SYNTH_ROOT}/{{subject}}/hr_dicom"),
         truth=directory(f"{SYNTH_ROOT}/{{subject}}/truth"),
-    params:
-        synthetic=config["synthetic"],
-        seed=config["seed"],
-        index=subject_index,
     log:
         "logs/synthetic/{subject}.log",
     benchmark:
         "benchmarks/results/synthesize_subject/{subject}.tsv"
+    conda:
+        "../envs/femursr.yaml"
     threads: 1
     resources:
         mem_mb=3000,
         runtime=20,
+    params:
+        synthetic=config["synthetic"],
+        seed=config["seed"],
+        index=subject_index,
     script:
         "../workflow_scripts/synthesize_subject.py"
 
@@ -46,14 +48,16 @@ rule synthesize_cohort:
             caption="../report/preview.rst",
             category="Synthetic cohort",
         ),
-    params:
-        subjects=SUBJECTS,
-        preview_subject=SUBJECTS[0],
     log:
         "logs/synthetic/cohort.log",
+    conda:
+        "../envs/femursr.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        subjects=SUBJECTS,
+        preview_subject=SUBJECTS[0],
     script:
         "../workflow_scripts/synthesize_cohort.py"

@@ -1,5 +1,11 @@
 """Rule synthesize_cohort: the synthetic cohort's subjects sheet, truth tables and a preview."""
 
+import os
+
+# one BLAS/OpenMP thread per declared rule thread: parallel jobs must not oversubscribe cores
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = str(snakemake.threads)  # noqa: F821
+
 from femursr.phantom import summarize_cohort
 from femursr.workflow import script_logging
 

@@ -1,5 +1,11 @@
 """Rule synthesize_subject: one synthetic subject's LR and HR DICOM series and its truth."""
 
+import os
+
+# one BLAS/OpenMP thread per declared rule thread: parallel jobs must not oversubscribe cores
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = str(snakemake.threads)  # noqa: F821
+
 from femursr.phantom import synthesize_subject
 from femursr.workflow import script_logging
 

@@ -8,6 +8,7 @@ in mm; ``origin`` is the LPS position (mm) of the centre of voxel (0, 0, 0); ``d
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 import shutil
 import tempfile
@@ -16,14 +17,16 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 
 HU_INTERCEPT = -1024.0
 
 
 def deterministic_uid(*parts) -> str:
     """A valid UID (2.25 root) derived from ``parts``, so that reruns give the same UIDs."""
-    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+    # 2.25 root: the decimal form of a 128-bit number (ISO/IEC 9834-8), here a hash of ``parts``
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()[:16]
+    return f"2.25.{int.from_bytes(digest, 'big')}"
 
 
 def write_ct_series(

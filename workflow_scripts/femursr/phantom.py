@@ -188,37 +188,37 @@ def render_hr(subj: Subject, cfg: dict, rng: np.random.Generator):
     n_xyz = np.ceil((hi - lo) / vox).astype(int) + 1
     shp = (int(n_xyz[2]), int(n_xyz[1]), int(n_xyz[0]))
     spacing = (vox, vox, vox)
-    tissue = np.zeros(shp, np.uint8)
-    regions = np.zeros(shp, np.uint8)
     # coarse pass (every 4th voxel) to skip the points far outside the femur
     step = 4
     cshape = tuple(-(-n // step) for n in shp)
     coarse = subj.shape.sdf(_grid_points(lo, np.array(spacing) * step, cshape, 0, cshape[0])).reshape(cshape)
     near = coarse < 1.0 + step * vox * np.sqrt(3)
-    slab = max(1, int(2_000_000 // (shp[1] * shp[2])))
-    for z0 in range(0, shp[0], slab):
-        z1 = min(shp[0], z0 + slab)
-        q = _grid_points(lo, spacing, shp, z0, z1)
-        iz, iy, ix = np.meshgrid(
-            (np.arange(z0, z1) + step // 2) // step, (np.arange(shp[1]) + step // 2) // step,
-            (np.arange(shp[2]) + step // 2) // step, indexing="ij",
-        )  # fmt: skip
-        cand = near[np.minimum(iz, cshape[0] - 1), np.minimum(iy, cshape[1] - 1), np.minimum(ix, cshape[2] - 1)]
-        t, _ = femur_tissue(subj, q, z_cut=subj.z_cut, candidates=cand.ravel())
-        reg = np.zeros(q.shape[0], np.uint8)
+    # nearest coarse sample of every fine voxel
+    sel = [np.minimum((np.arange(n) + step // 2) // step, c - 1) for n, c in zip(shp, cshape)]
+    cand = near[np.ix_(*sel)]
+    idx = np.flatnonzero(cand)
+    tissue = np.zeros(int(np.prod(shp)), np.uint8)
+    regions = np.zeros(int(np.prod(shp)), np.uint8)
+    for c0 in range(0, idx.size, 1_000_000):
+        ci = idx[c0 : c0 + 1_000_000]
+        kji = np.unravel_index(ci, shp)
+        q = np.stack([lo[a] + kji[2 - a] * vox for a in range(3)], axis=1).astype(np.float32)
+        t, _ = femur_tissue(subj, q, z_cut=subj.z_cut)
         inside = np.flatnonzero(t > 0)
         if inside.size:
-            masks = subj.shape.region_masks(q[inside])
-            for name, m in masks.items():
+            reg = np.zeros(ci.size, np.uint8)
+            for name, m in subj.shape.region_masks(q[inside]).items():
                 reg[inside[m]] = REGION_IDS[name]
-        tissue[z0:z1] = t.reshape(z1 - z0, shp[1], shp[2])
-        regions[z0:z1] = reg.reshape(z1 - z0, shp[1], shp[2])
+            regions[ci] = reg
+        tissue[ci] = t
+    tissue = tissue.reshape(shp)
+    regions = regions.reshape(shp)
     bone = (tissue == 2) | (tissue == 3)
     img = np.full(shp, hr["medium_hu"], np.float32)
     img[tissue == 1] = hr["marrow_hu"]
     img[bone] = hr["bone_hu"]
     img = gaussian_filter(img, hr["psf_fwhm_mm"] * FWHM_TO_SIGMA / vox)
-    img += rng.normal(0, hr["noise_hu"], size=shp).astype(np.float32)
+    img += np.float32(hr["noise_hu"]) * rng.standard_normal(size=shp, dtype=np.float32)
     origin = tuple(float(v) for v in lo)
     return Volume(img, spacing, origin), Volume(tissue, spacing, origin), Volume(regions, spacing, origin)
 
@@ -286,7 +286,7 @@ def render_lr(subj: Subject, cfg: dict, rng: np.random.Generator, hr_box: tuple)
     mean, std_struct = float(img[fm].mean()), float(img[fm].std())
     want = (mean / lr["snr"]) ** 2 - std_struct**2
     noise_sd = max(float(np.sqrt(want)) if want > 0 else 0.0, lr["noise_hu_min"])
-    noise = gaussian_filter(rng.normal(size=shp).astype(np.float32), lr["noise_correlation_vox"])
+    noise = gaussian_filter(rng.standard_normal(size=shp, dtype=np.float32), lr["noise_correlation_vox"])
     noise *= noise_sd / noise.std()
     img = img + noise
     snr = float(img[fm].mean() / img[fm].std())
@@ -379,17 +379,23 @@ def synthesize_subject(
         }
         (tmp / "subject.json").write_text(json.dumps(record, indent=2))
         write_ct_series(
-            lr_img.array, lr_img.spacing, lr_img.origin, np.eye(3), Path(lr_dir),
+            lr_img.array, lr_img.spacing, lr_img.origin, np.eye(3), tmp / "lr_dicom",
             patient_id=subject_id, series_description="synthetic clinical CT, hip",
             uid_key=f"{seed}/{subject_id}/lr", series_number=2,
             slice_thickness=cfg["lr"]["psf_fwhm_mm"][2], kvp=120, model_name="clinical CT phantom",
         )  # fmt: skip
         write_ct_series(
-            hr_img.array, hr_img.spacing, hr_img.origin, np.eye(3), Path(hr_dir),
+            hr_img.array, hr_img.spacing, hr_img.origin, np.eye(3), tmp / "hr_dicom",
             patient_id=subject_id, series_description="synthetic HR-pQCT, left proximal femur ex situ",
             uid_key=f"{seed}/{subject_id}/hr", series_number=3, kvp=59.4, model_name="HR-pQCT phantom",
             study_date="20260102",
         )  # fmt: skip
+        # everything is complete: move the series, then the truth, into place
+        for src, dst in ((tmp / "lr_dicom", Path(lr_dir)), (tmp / "hr_dicom", Path(hr_dir))):
+            if dst.exists():
+                shutil.rmtree(dst)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
         if truth_dir.exists():
             shutil.rmtree(truth_dir)
         os.replace(tmp, truth_dir)
