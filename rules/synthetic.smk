@@ -15,7 +15,7 @@ rule synthesize_subject:
         "../envs/femursr.yaml"
     threads: 1
     resources:
-        mem_mb=3000,
+        mem_mb=synthesize_mem_mb,
         runtime=20,
     params:
         synthetic=config["synthetic"],

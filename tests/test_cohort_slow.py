@@ -1,0 +1,31 @@
+"""The default demo cohort, generated whole: its truth lies in the ranges of the paper's HR column."""
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, run_snakemake
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_cohort_truth_matches_paper_ranges(tmp_path):
+    run_snakemake(["-c2", "--configfile", str(REPO / "config" / "config.yaml"), "synthesize_cohort"], tmp_path)
+    root = tmp_path / "results" / "synthetic"
+    ranges = pd.read_csv(root / "truth_ranges.tsv", sep="\t").set_index(["region", "metric"])
+    for region in ("head", "neck", "trochanter"):
+        for metric in ("BV/TV", "Tb.Sp", "Tb.N"):
+            r = ranges.loc[(region, metric)]
+            lo = r.paper_hr_mean - 2 * r.paper_hr_sd
+            hi = r.paper_hr_mean + 2 * r.paper_hr_sd
+            assert lo <= r["mean"] <= hi, f"{region} {metric}: cohort mean {r['mean']:.3f} outside paper {lo:.3f}..{hi:.3f}"
+        # the 0.2 mm demo grid cannot show trabeculae thinner than about 0.4 mm
+        th = ranges.loc[(region, "Tb.Th")]
+        assert 0.2 <= th["mean"] <= max(0.5, th.paper_hr_mean + 2 * th.paper_hr_sd)
+    # subjects differ, so that correlations across subjects mean something
+    morph = pd.read_csv(root / "truth_morphometry.tsv", sep="\t")
+    sd = morph.query("metric == 'BV/TV'").groupby("region")["value"].std()
+    assert (sd[["head", "neck", "trochanter"]] > 0.01).all()
+    summary = pd.read_csv(root / "subjects_summary.tsv", sep="\t")
+    assert len(summary) >= 25
+    assert summary.lr_snr_femur.between(0.8, 1.05).all()
+    assert summary.pose_rotation_deg.max() > 10
