@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_default_cohort_truth_matches_paper_ranges(tmp_path):
-    run_snakemake(["-c2", "--configfile", str(REPO / "config" / "config.yaml"), "synthesize_cohort"], tmp_path)
+    run_snakemake(["synthesize_cohort", "-c2", "--configfile", str(REPO / "config" / "config.yaml")], tmp_path)
     root = tmp_path / "results" / "synthetic"
     ranges = pd.read_csv(root / "truth_ranges.tsv", sep="\t").set_index(["region", "metric"])
     for region in ("head", "neck", "trochanter"):
@@ -29,3 +29,18 @@ def test_default_cohort_truth_matches_paper_ranges(tmp_path):
     assert len(summary) >= 25
     assert summary.lr_snr_femur.between(0.8, 1.05).all()
     assert summary.pose_rotation_deg.max() > 10
+
+
+def test_paper_config_network_at_82um_matches_paper_means():
+    """The paper config's trabecular network, sampled at 82 um in 8 mm cubes at the region centres
+    of 6 subjects: cohort means within one paper SD (Tb.Sp of the neck, SD 6 mm, within 0.5 SD)."""
+    from femursr.phantom import PAPER_HR, region_block_morphometry
+
+    from conftest import load_config
+
+    cfg = load_config("paper.yaml")
+    df = pd.concat([region_block_morphometry(cfg["synthetic"], cfg["seed"], i, edge_mm=8.0) for i in range(1, 7)])
+    means = df.groupby(["region", "metric"])["value"].mean()
+    for (region, metric), (mean, sd) in PAPER_HR.items():
+        tol = 0.5 * sd if (region, metric) == ("neck", "Tb.Sp") else sd
+        assert abs(means[(region, metric)] - mean) <= tol, f"{region} {metric}: {means[(region, metric)]:.3f} vs paper {mean}±{sd}"
