@@ -36,9 +36,12 @@ def subject_index(wildcards):
 
 def synthesize_mem_mb(wildcards, attempt):
     """Memory (MB) of one synthetic subject: about 50 bytes per HR voxel (measured on the demo),
-    for an adult proximal femur box of 95 x 60 x 135 mm scaled by the anatomy and size factor."""
+    for an adult proximal femur box of 95 x 60 x 135 mm scaled by the anatomy and size factor.
+    """
     syn = config["synthetic"]
-    edge = [e * syn["anatomy_scale"] * 1.1 / syn["hr"]["voxel_mm"] for e in (95, 60, 135)]
+    edge = [
+        e * syn["anatomy_scale"] * 1.1 / syn["hr"]["voxel_mm"] for e in (95, 60, 135)
+    ]
     voxels = edge[0] * edge[1] * edge[2]
     return int(max(2000, voxels * 50 / 1e6) * attempt)
 

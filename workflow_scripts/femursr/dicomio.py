@@ -10,14 +10,14 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
+
+from .atomic import atomic_dir
 
 HU_INTERCEPT = -1024.0
 
@@ -66,15 +66,13 @@ def write_ct_series(
     stored = stored.astype(np.int16)
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
     study_uid = deterministic_uid(uid_key, "study", patient_id)
     series_uid = deterministic_uid(uid_key, "series", series_number)
     frame_uid = deterministic_uid(uid_key, "frame")
     row_dir, col_dir, normal = direction[:, 0], direction[:, 1], direction[:, 2]
     now = _dt.datetime(2026, 1, 1, 12, 0, 0)
     paths = []
-    try:
+    with atomic_dir(out_dir) as tmp:
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -138,12 +136,6 @@ def write_ct_series(
             p = tmp / f"IM{k + 1:05d}.dcm"
             ds.save_as(p, enforce_file_format=True)
             paths.append(out_dir / p.name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return paths
 
 

@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
+from .atomic import atomic_file  # noqa: E402
 from .geometry import REGION_NAMES  # noqa: E402
 
 REGION_COLOURS = ["#00000000", "#e6194b", "#3cb44b", "#4363d8", "#f58231"]
@@ -76,7 +77,6 @@ def subject_preview(lr_dir, hr_dir, truth_dir, out_png, title: str = "") -> None
     handles = [plt.Rectangle((0, 0), 1, 1, color=REGION_COLOURS[k]) for k in REGION_NAMES]
     axes[0, 2].legend(handles, list(REGION_NAMES.values()), loc="lower right", fontsize=8)
     fig.suptitle(title or f"{rec['subject']}: left proximal femur phantom, LR pose rotated {rec['pose']['rotation_deg']:.1f} deg")
-    tmp = Path(out_png).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_file(out_png) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    tmp.replace(out_png)

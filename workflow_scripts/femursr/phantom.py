@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +28,7 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
+from .atomic import atomic_dir, replace_dir, write_tsv
 from .dicomio import write_ct_series
 from .geometry import REGION_IDS, REGION_NAMES, Body, FemurShape, Pelvis, rotation_angle_deg, rotation_matrix
 from .morphometry import morphometry
@@ -338,10 +336,7 @@ def synthesize_subject(
     log.info("%s: LR grid %s, SNR in femur %.2f", subject_id, lr_img.array.shape, lr_info["snr_femur"])
     morph = truth_morphometry(subject_id, tissue, regions)
 
-    truth_dir = Path(truth_dir)
-    truth_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{truth_dir.name}.tmp", dir=truth_dir.parent))
-    try:
+    with atomic_dir(truth_dir) as tmp:
         femur = Volume((tissue.array > 0).astype(np.uint8), tissue.spacing, tissue.origin)
         _write_nifti(femur, tmp / "femur_mask.nii.gz")
         _write_nifti(tissue, tmp / "tissue.nii.gz")
@@ -390,18 +385,9 @@ def synthesize_subject(
             uid_key=f"{seed}/{subject_id}/hr", series_number=3, kvp=59.4, model_name="HR-pQCT phantom",
             study_date="20260102",
         )  # fmt: skip
-        # everything is complete: move the series, then the truth, into place
-        for src, dst in ((tmp / "lr_dicom", Path(lr_dir)), (tmp / "hr_dicom", Path(hr_dir))):
-            if dst.exists():
-                shutil.rmtree(dst)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dst)
-        if truth_dir.exists():
-            shutil.rmtree(truth_dir)
-        os.replace(tmp, truth_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # everything is complete: move the series, then (on leaving the block) the truth, into place
+        replace_dir(tmp / "lr_dicom", lr_dir)
+        replace_dir(tmp / "hr_dicom", hr_dir)
     return record
 
 
@@ -427,14 +413,6 @@ def truth_ranges(morph: pd.DataFrame) -> pd.DataFrame:
     morder = {m: i for i, m in enumerate(("BV/TV", "Tb.Th", "Tb.Sp", "Tb.N"))}
     out = out.sort_values(["region", "metric"], key=lambda c: c.map(order if c.name == "region" else morder))
     return out.reset_index(drop=True)
-
-
-def _atomic_csv(df: pd.DataFrame, path, **kw):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, sep="\t", index=False, **kw)
-    os.replace(tmp, path)
 
 
 def summarize_cohort(subjects, lr_dirs, hr_dirs, truth_dirs, sheet, morphometry, summary, ranges, preview, preview_subject):
@@ -464,11 +442,11 @@ def summarize_cohort(subjects, lr_dirs, hr_dirs, truth_dirs, sheet, morphometry,
     morph = pd.concat(morphs, ignore_index=True)
     for col in ("size_factor", "neck_shaft_angle_deg", "bone_loss_factor"):
         sheet_df[col] = [round(r[col], 4) for r in recs]
-    _atomic_csv(sheet_df, sheet)
+    write_tsv(sheet_df, sheet)
     load_subjects(sheet)  # the sheet we wrote must pass the same checks as a user's
-    _atomic_csv(morph, morphometry, float_format="%.6g")
-    _atomic_csv(pd.DataFrame(recs), summary, float_format="%.5g")
-    _atomic_csv(truth_ranges(morph), ranges, float_format="%.4g")
+    write_tsv(morph, morphometry, float_format="%.6g")
+    write_tsv(pd.DataFrame(recs), summary, float_format="%.5g")
+    write_tsv(truth_ranges(morph), ranges, float_format="%.4g")
     i = subjects.index(preview_subject) if preview_subject in subjects else 0
     subject_preview(lr_dirs[i], hr_dirs[i], truth_dirs[i], preview)
 
