@@ -33,6 +33,7 @@ from .dicomio import write_ct_series
 from .geometry import REGION_IDS, REGION_NAMES, Body, FemurShape, Pelvis, rotation_angle_deg, rotation_matrix
 from .morphometry import morphometry
 from .trabecular import RegionStructure, TrabecularNetwork, blended_structure
+from .volume import Volume, write_volume
 
 log = logging.getLogger(__name__)
 
@@ -157,23 +158,6 @@ def _grid_points(origin, spacing, shape_zyx, z0, z1, direction=None):
     if direction is not None:
         ijk = ijk @ np.asarray(direction, float).T
     return (ijk + np.asarray(origin, float)).astype(np.float32)
-
-
-@dataclass
-class Volume:
-    """A 3D array (z, y, x) with its geometry (spacing (x, y, z) mm, LPS origin, direction)."""
-
-    array: np.ndarray
-    spacing: tuple
-    origin: tuple
-    direction: tuple = (1, 0, 0, 0, 1, 0, 0, 0, 1)
-
-    def to_sitk(self) -> sitk.Image:
-        img = sitk.GetImageFromArray(self.array)
-        img.SetSpacing([float(v) for v in self.spacing])
-        img.SetOrigin([float(v) for v in self.origin])
-        img.SetDirection([float(v) for v in np.ravel(self.direction)])
-        return img
 
 
 def render_hr(subj: Subject, cfg: dict, rng: np.random.Generator):
@@ -318,10 +302,6 @@ def pose_transform(subj: Subject) -> sitk.Euler3DTransform:
     return tfm
 
 
-def _write_nifti(vol: Volume, path: Path):
-    sitk.WriteImage(vol.to_sitk(), str(path), useCompression=True)
-
-
 def synthesize_subject(
     subject_id: str, index: int, cfg: dict, seed: int, lr_dir, hr_dir, truth_dir
 ) -> dict:
@@ -338,10 +318,10 @@ def synthesize_subject(
 
     with atomic_dir(truth_dir) as tmp:
         femur = Volume((tissue.array > 0).astype(np.uint8), tissue.spacing, tissue.origin)
-        _write_nifti(femur, tmp / "femur_mask.nii.gz")
-        _write_nifti(tissue, tmp / "tissue.nii.gz")
-        _write_nifti(regions, tmp / "regions.nii.gz")
-        _write_nifti(lr_mask, tmp / "femur_mask_lr.nii.gz")
+        write_volume(femur, tmp / "femur_mask.nii.gz")
+        write_volume(tissue, tmp / "tissue.nii.gz")
+        write_volume(regions, tmp / "regions.nii.gz")
+        write_volume(lr_mask, tmp / "femur_mask_lr.nii.gz")
         sitk.WriteTransform(pose_transform(subj), str(tmp / "pose.tfm"))
         morph.to_csv(tmp / "morphometry.tsv", sep="\t", index=False, float_format="%.6g")
         record = {
