@@ -101,9 +101,17 @@ def test_pose_record_matches_transform_file(small_subject):
     assert rotation_angle_deg(R) == pytest.approx(rec["pose"]["rotation_deg"])
 
 
-def test_lr_noise_gives_the_configured_snr(small_subject):
-    rec, *_ , cfg = small_subject
-    assert rec["lr_noise"]["snr_femur"] == pytest.approx(cfg["synthetic"]["lr"]["snr"], rel=0.1)
+def test_lr_noise_is_the_configured_sd_or_gives_the_configured_snr(small_subject):
+    rec, *_, cfg = small_subject
+    assert rec["lr_noise"]["noise_hu"] == cfg["synthetic"]["lr"]["noise_hu"]
+    syn = small_synthetic()["synthetic"]
+    syn["lr"]["noise_hu"] = None  # calibrate to the SNR instead
+    syn["lr"]["snr"] = 0.93
+    subj = phantom.draw_subject(syn, 5, 1, "S001")
+    lo, hi = subj.shape.bounding_box(subj.z_cut)
+    _, _, info = phantom.render_lr(subj, syn, np.random.default_rng(0), (lo, hi))
+    assert info["snr_femur"] == pytest.approx(0.93, rel=0.05)
+    assert info["noise_hu"] > rec["lr_noise"]["noise_hu"]
 
 
 def test_dicom_series_carry_the_recorded_geometry(small_subject):

@@ -266,8 +266,11 @@ def render_lr(subj: Subject, cfg: dict, rng: np.random.Generator, hr_box: tuple)
     # noise: correlated (reconstruction kernel), scaled so that mean/std in the femur = SNR
     fm = femur_mask.astype(bool)
     mean, std_struct = float(img[fm].mean()), float(img[fm].std())
-    want = (mean / lr["snr"]) ** 2 - std_struct**2
-    noise_sd = max(float(np.sqrt(want)) if want > 0 else 0.0, lr["noise_hu_min"])
+    if lr.get("noise_hu") is not None:
+        noise_sd = float(lr["noise_hu"])  # a scanner property, in HU
+    else:  # calibrated so that mean / SD in the femur is the configured SNR
+        want = (mean / lr["snr"]) ** 2 - std_struct**2
+        noise_sd = max(float(np.sqrt(want)) if want > 0 else 0.0, lr["noise_hu_min"])
     noise = gaussian_filter(rng.standard_normal(size=shp, dtype=np.float32), lr["noise_correlation_vox"])
     noise *= noise_sd / noise.std()
     img = img + noise
