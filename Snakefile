@@ -16,6 +16,7 @@ report: "report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/synthetic.smk"
+include: "rules/preprocess.smk"
 
 
 rule all:

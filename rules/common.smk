@@ -5,7 +5,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow_scripts"))
 
+import dataclasses  # noqa: E402
+
 from femursr.cohort import CohortError, load_subjects, synthetic_ids  # noqa: E402
+from femursr.masks import ThresholdParams  # noqa: E402
+from femursr.registration import RigidParams  # noqa: E402
 
 SYNTHETIC = config["cohort"] == "synthetic"
 SYNTH_ROOT = "results/synthetic"
@@ -25,8 +29,40 @@ else:
         )
 
 
+def _check_fields(block, cls, where):
+    """Keys of a free-form parameter block must be fields of the dataclass that takes them."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in block:
+        if key not in known:
+            raise WorkflowError(
+                f"config {where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}"
+            )
+
+
+_check_fields(
+    {
+        k: v
+        for k, v in config["preprocessing"]["registration"].items()
+        if k not in ("min_dice", "min_structure_ncc")
+    },
+    RigidParams,
+    "preprocessing.registration",
+)
+_check_fields(
+    config["preprocessing"]["mask"]["threshold"],
+    ThresholdParams,
+    "preprocessing.mask.threshold",
+)
+
+if SYNTHETIC:
+    PAIRED = SUBJECTS
+else:
+    PAIRED = [s for s in SUBJECTS if SHEET.loc[s, "hr"]]
+
+
 wildcard_constraints:
     subject="|".join(SUBJECTS),
+    scan="lr|hr",
 
 
 def subject_index(wildcards):
@@ -46,6 +82,34 @@ def synthesize_mem_mb(wildcards, attempt):
     return int(max(2000, voxels * 50 / 1e6) * attempt)
 
 
+def scan_source(wildcards):
+    """The raw scan (DICOM folder or file) of a subject: the sheet's path, or the synthetic series."""
+    if SYNTHETIC:
+        return f"{SYNTH_ROOT}/{wildcards.subject}/{wildcards.scan}_dicom"
+    return SHEET.loc[wildcards.subject, wildcards.scan]
+
+
+def series_uid(wildcards):
+    """SeriesInstanceUID to import from a folder with several series ('' = choose automatically)."""
+    if SYNTHETIC:
+        return ""
+    col = f"{wildcards.scan}_series_uid"
+    return SHEET.loc[wildcards.subject, col] if col in SHEET.columns else ""
+
+
+def _size_mb(path):
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 1e6
+    return p.stat().st_size / 1e6 if p.exists() else 0.0
+
+
+def preprocess_mem_mb(wildcards, input, attempt):
+    """Memory (MB) of a preprocessing job: eight times its inputs (float copies, B-spline
+    coefficients), at least 2 GB; doubled on each retry."""
+    return int(max(2000, 8 * sum(_size_mb(p) for p in input)) * attempt)
+
+
 def synthetic_outputs(name):
     """Paths of one output of synthesize_subject, for every subject."""
     return expand(getattr(rules.synthesize_subject.output, name), subject=SUBJECTS)
@@ -56,4 +120,7 @@ def final_targets():
     targets = []
     if SYNTHETIC:
         targets += list(rules.synthesize_cohort.output)
+    targets += expand(rules.normalize.output, subject=PAIRED)
+    if SYNTHETIC:
+        targets += list(rules.preprocessing_accuracy.output)
     return targets

@@ -63,7 +63,7 @@ def test_snakefmt_is_clean():
 
 
 def test_small_study_runs_end_to_end_and_is_up_to_date_after(tmp_path):
-    cfg = small_synthetic(n_subjects=3, scale=0.3, voxel=0.3)
+    cfg = small_synthetic(n_subjects=3, scale=0.45, voxel=0.3)
     cfgfile = _write_config(tmp_path, cfg)
     run_snakemake(["-c2", "--configfile", str(cfgfile)], tmp_path)
     root = tmp_path / "results" / "synthetic"
@@ -82,3 +82,11 @@ def test_small_study_runs_end_to_end_and_is_up_to_date_after(tmp_path):
     # nothing left to do on a second run
     res = run_snakemake(["-n", "--configfile", str(cfgfile)], tmp_path)
     assert "Nothing to be done" in res.stdout + res.stderr
+
+
+def test_typo_in_a_parameter_block_fails_naming_the_key(tmp_path):
+    cfg = load_config()
+    cfg["preprocessing"]["mask"]["threshold"]["work_mn"] = 1.0
+    res = run_snakemake(["-n", "--configfile", str(_write_config(tmp_path, cfg))], tmp_path, check=False)
+    assert res.returncode != 0
+    assert "preprocessing.mask.threshold: unknown key 'work_mn'" in res.stdout + res.stderr

@@ -10,6 +10,12 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Move the folder ``src`` to ``dst``, replacing what was there."""
     dst = Path(dst)
@@ -43,6 +49,8 @@ def atomic_file(final: str | os.PathLike):
     tmp = Path(name)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

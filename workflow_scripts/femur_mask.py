@@ -1,0 +1,27 @@
+"""Rule femur_mask: the femur mask on the HR grid from the clinical CT (threshold or nnU-Net backend)."""
+
+import json
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = str(snakemake.threads)  # noqa: F821
+
+from femursr.atomic import atomic_file
+from femursr.masks import ThresholdParams, threshold_femur_mask
+from femursr.volume import read_volume, write_volume
+from femursr.workflow import script_logging
+
+with script_logging(snakemake.log[0]) as log:  # noqa: F821
+    sm = snakemake  # noqa: F821
+    opts = sm.params.options
+    label = f"subject {sm.wildcards.subject}"
+    lr = read_volume(sm.input.lr)
+    if opts["backend"] == "threshold":
+        mask, report = threshold_femur_mask(lr, ThresholdParams(**opts["threshold"]), label=label)
+    else:
+        raise NotImplementedError(f"{label}: mask backend {opts['backend']!r} is not available yet; use `threshold`")
+    report["backend"] = opts["backend"]
+    write_volume(mask, sm.output.mask)
+    with atomic_file(sm.output.report) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    log.info("%s: femur mask %.2f ml (%s)", label, report.get("femur_ml", float("nan")), opts["backend"])

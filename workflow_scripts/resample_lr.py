@@ -1,0 +1,23 @@
+"""Rule resample_lr: the clinical CT onto the HR grid (B-spline, registered pose); HR untouched."""
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = str(snakemake.threads)  # noqa: F821
+
+import SimpleITK as sitk
+
+from femursr.registration import resample_onto
+from femursr.volume import read_volume, write_volume
+from femursr.workflow import script_logging
+
+with script_logging(snakemake.log[0]) as log:  # noqa: F821
+    sm = snakemake  # noqa: F821
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(sm.threads)
+    lr = read_volume(sm.input.lr)
+    hr = read_volume(sm.input.hr)
+    tfm = sitk.ReadTransform(sm.input.transform)
+    opts = sm.params.options
+    out = resample_onto(lr, hr, tfm, interpolator=opts["interpolator"], default_hu=opts["default_hu"])
+    write_volume(out, sm.output.volume)
+    log.info("LR resampled onto the HR grid %s", out.shape)
