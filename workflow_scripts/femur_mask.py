@@ -16,10 +16,9 @@ with script_logging(snakemake.log[0]) as log:  # noqa: F821
     opts = sm.params.options
     label = f"subject {sm.wildcards.subject}"
     lr = read_volume(sm.input.lr)
-    if opts["backend"] == "threshold":
-        mask, report = threshold_femur_mask(lr, ThresholdParams(**opts["threshold"]), label=label)
-    else:
-        raise NotImplementedError(f"{label}: mask backend {opts['backend']!r} is not available yet; use `threshold`")
+    if opts["backend"] != "threshold":  # the config schema admits only the backends that exist
+        raise ValueError(f"{label}: unknown femur-mask backend {opts['backend']!r}")
+    mask, report = threshold_femur_mask(lr, ThresholdParams(**opts["threshold"]), label=label)
     report["backend"] = opts["backend"]
     write_volume(mask, sm.output.mask)
     with atomic_file(sm.output.report) as tmp:
