@@ -1,15 +1,14 @@
 """Rule femur_mask: the femur mask on the HR grid from the clinical CT (threshold or nnU-Net backend)."""
 
 import json
-import os
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = str(snakemake.threads)  # noqa: F821
+from femursr.workflow import limit_threads, script_logging
+
+limit_threads(snakemake.threads)  # noqa: F821  (before numpy is imported)
 
 from femursr.atomic import atomic_file
 from femursr.masks import ThresholdParams, threshold_femur_mask
 from femursr.volume import read_volume, write_volume
-from femursr.workflow import script_logging
 
 with script_logging(snakemake.log[0]) as log:  # noqa: F821
     sm = snakemake  # noqa: F821

@@ -1,12 +1,10 @@
 """Rule import_scan: one raw scan (DICOM folder, NIfTI, Scanco) to a memory-mappable volume in HU."""
 
-import os
+from femursr.workflow import limit_threads, script_logging
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = str(snakemake.threads)  # noqa: F821
+limit_threads(snakemake.threads)  # noqa: F821  (before numpy is imported)
 
 from femursr.imaging import import_to_file
-from femursr.workflow import script_logging
 
 with script_logging(snakemake.log[0]) as log:  # noqa: F821
     sm = snakemake  # noqa: F821

@@ -1,13 +1,11 @@
 """Rule normalize: HU window to [0, 1], femur mask applied, for the LR (on the HR grid) and the HR."""
 
-import os
+from femursr.workflow import limit_threads, script_logging
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = str(snakemake.threads)  # noqa: F821
+limit_threads(snakemake.threads)  # noqa: F821  (before numpy is imported)
 
 from femursr.normalize import normalize
 from femursr.volume import read_volume, write_volume
-from femursr.workflow import script_logging
 
 with script_logging(snakemake.log[0]) as log:  # noqa: F821
     sm = snakemake  # noqa: F821

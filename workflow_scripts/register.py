@@ -4,10 +4,9 @@ A registration whose QC figures fail the checks stops this subject; its QC pictu
 kept beside the log (not as outputs) so that the failure can be inspected.
 """
 
-import os
+from femursr.workflow import limit_threads, script_logging
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = str(snakemake.threads)  # noqa: F821
+limit_threads(snakemake.threads)  # noqa: F821  (before numpy is imported)
 
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import SimpleITK as sitk
 
 from femursr.registration import RegistrationError, check_registration, register_rigid, resample_onto, write_registration_outputs
 from femursr.volume import read_volume
-from femursr.workflow import script_logging
 
 with script_logging(snakemake.log[0]) as log:  # noqa: F821
     sm = snakemake  # noqa: F821

@@ -1,15 +1,13 @@
 """Rule resample_lr: the clinical CT onto the HR grid (B-spline, registered pose); HR untouched."""
 
-import os
+from femursr.workflow import limit_threads, script_logging
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = str(snakemake.threads)  # noqa: F821
+limit_threads(snakemake.threads)  # noqa: F821  (before numpy is imported)
 
 import SimpleITK as sitk
 
 from femursr.registration import resample_onto
 from femursr.volume import read_volume, write_volume
-from femursr.workflow import script_logging
 
 with script_logging(snakemake.log[0]) as log:  # noqa: F821
     sm = snakemake  # noqa: F821

@@ -1,13 +1,10 @@
 """Rule synthesize_subject: one synthetic subject's LR and HR DICOM series and its truth."""
 
-import os
+from femursr.workflow import limit_threads, script_logging
 
-# one BLAS/OpenMP thread per declared rule thread: parallel jobs must not oversubscribe cores
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = str(snakemake.threads)  # noqa: F821
+limit_threads(snakemake.threads)  # noqa: F821  (before numpy is imported)
 
 from femursr.phantom import synthesize_subject
-from femursr.workflow import script_logging
 
 with script_logging(snakemake.log[0]) as log:  # noqa: F821 (snakemake is injected)
     sm = snakemake  # noqa: F821

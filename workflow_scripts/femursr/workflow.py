@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
+
+
+def limit_threads(n: int) -> None:
+    """One BLAS/OpenMP thread per declared rule thread, so that parallel jobs do not oversubscribe
+    the cores. Call before numpy (or anything that loads BLAS) is imported."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
 
 
 @contextlib.contextmanager
