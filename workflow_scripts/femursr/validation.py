@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from .masks import dice
 from .volume import read_volume
 
 
@@ -51,8 +52,7 @@ def mask_dice(mask_path, truth_path) -> float:
     b = np.asarray(read_volume(truth_path, mmap=False).array) > 0
     if a.shape != b.shape:
         raise ValueError(f"{mask_path} and {truth_path} are not on the same grid ({a.shape} vs {b.shape})")
-    s = a.sum() + b.sum()
-    return float(2 * np.logical_and(a, b).sum() / s) if s else 1.0
+    return dice(a, b)
 
 
 def preprocessing_accuracy(subjects, transforms, masks, truth_dirs, qc_files) -> pd.DataFrame:
