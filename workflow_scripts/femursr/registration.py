@@ -717,19 +717,20 @@ def resample_onto(lr: Volume, hr: Volume, transform, *, interpolator: str = "bsp
     return Volume(out, hr.spacing, hr.origin, hr.direction, {"resampled_from": "LR", "interpolator": interpolator})
 
 
+def transform_points(t, points_mm) -> np.ndarray:
+    """Apply a SimpleITK transform to points (N, 3) in mm; linear transforms in one matrix product."""
+    pts = np.asarray(points_mm, float).reshape(-1, 3)
+    if type(t) is sitk.Transform:  # as sitk.ReadTransform returns it
+        t = t.Downcast()
+    if isinstance(t, (sitk.Euler3DTransform, sitk.VersorRigid3DTransform, sitk.AffineTransform, sitk.Similarity3DTransform)):
+        c = np.asarray(t.GetCenter())
+        return (pts - c) @ np.reshape(t.GetMatrix(), (3, 3)).T + c + np.asarray(t.GetTranslation())
+    return np.array([t.TransformPoint([float(v) for v in q]) for q in pts])
+
+
 def target_registration_error(transform_est, transform_true, points_mm) -> np.ndarray:
     """Distance (mm) between where the two transforms send each of ``points_mm`` (N, 3)."""
-    pts = np.asarray(points_mm, float).reshape(-1, 3)
-
-    def apply(t):
-        if type(t) is sitk.Transform:  # as sitk.ReadTransform returns it
-            t = t.Downcast()
-        if isinstance(t, (sitk.Euler3DTransform, sitk.VersorRigid3DTransform, sitk.AffineTransform, sitk.Similarity3DTransform)):
-            c = np.asarray(t.GetCenter())
-            return (pts - c) @ np.reshape(t.GetMatrix(), (3, 3)).T + c + np.asarray(t.GetTranslation())
-        return np.array([t.TransformPoint([float(v) for v in q]) for q in pts])
-
-    return np.linalg.norm(apply(transform_est) - apply(transform_true), axis=1)
+    return np.linalg.norm(transform_points(transform_est, points_mm) - transform_points(transform_true, points_mm), axis=1)
 
 
 # ---------------------------------------------------------------------------- outputs

@@ -15,23 +15,8 @@ import pandas as pd
 import SimpleITK as sitk
 
 from .masks import dice
+from .registration import target_registration_error, transform_points  # noqa: F401 (re-exported)
 from .volume import read_volume
-
-
-def transform_points(tfm: sitk.Transform, pts: np.ndarray) -> np.ndarray:
-    """Apply a SimpleITK transform to points (N, 3) in mm."""
-    if isinstance(tfm, sitk.Euler3DTransform) or tfm.GetName() in ("Euler3DTransform", "VersorRigid3DTransform", "AffineTransform"):
-        t = sitk.AffineTransform(3)
-        try:
-            t.SetMatrix(tfm.GetMatrix())
-            t.SetTranslation(tfm.GetTranslation())
-            t.SetCenter(tfm.GetCenter())
-            m = np.reshape(t.GetMatrix(), (3, 3))
-            c = np.asarray(t.GetCenter())
-            return (pts - c) @ m.T + c + np.asarray(t.GetTranslation())
-        except (AttributeError, RuntimeError):
-            pass
-    return np.array([tfm.TransformPoint([float(v) for v in p]) for p in pts])
 
 
 def registration_error(estimated: sitk.Transform, true: sitk.Transform, femur_mask_path, n_points: int = 20000, seed: int = 0) -> dict:
@@ -43,7 +28,7 @@ def registration_error(estimated: sitk.Transform, true: sitk.Transform, femur_ma
     rng = np.random.default_rng(seed)
     idx = idx[rng.choice(len(idx), size=min(n_points, len(idx)), replace=False)]
     pts = mask.index_to_physical(idx)
-    d = np.linalg.norm(transform_points(estimated, pts) - transform_points(true, pts), axis=1)
+    d = target_registration_error(estimated, true, pts)
     return {"tre_mean_mm": float(d.mean()), "tre_p95_mm": float(np.percentile(d, 95)), "tre_max_mm": float(d.max())}
 
 
