@@ -7,7 +7,7 @@ import scikit_posthocs
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from femursr.stats import adjust_p, bland_altman, better_than, conover_friedman, friedman, icc_2_1, lin_ccc, pearson
+from femursr.stats import adjust_p, bland_altman, conover_friedman, friedman, icc_2_1, lin_ccc, pearson
 
 # Conover (1999), Practical Nonparametric Statistics, 3rd ed., example 5.8.1: twelve homeowners
 # (blocks) rank four grass varieties (treatments). Rank sums 38, 23.5, 24.5, 34; A1 = 356.5,
@@ -65,20 +65,6 @@ def test_missing_values_are_refused_naming_the_subject():
     t.loc["S004", "g2"] = np.nan
     with pytest.raises(ValueError, match="S004"):
         friedman(t)
-
-
-def test_better_than_counts_significant_improvements_on_a_constructed_case():
-    rng = np.random.default_rng(0)
-    tables = {}
-    for i in range(12):
-        lr = rng.uniform(1.0, 2.0, 20)
-        good = rng.uniform(0.0, 0.3, 20) if i < 8 else lr.copy()  # tied with the LR: not better
-        worse = lr + 1.0  # always worse than the LR: never counted
-        tables[("metric", i)] = pd.DataFrame({"LR": lr, "good": good, "worse": worse})
-    out = better_than(tables, baseline="LR", alpha=0.05)
-    assert out.loc["good", "better"] == 8
-    assert out.loc["worse", "better"] == 0
-    assert (out["tables"] == 12).all()
 
 
 def test_icc_reproduces_shrout_and_fleiss():

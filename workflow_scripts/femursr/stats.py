@@ -4,8 +4,6 @@
   (subjects are blocks, methods are treatments), then Conover's post-hoc comparison of the rank
   sums (Conover 1999, *Practical Nonparametric Statistics*, 3rd ed., section 5.8), with a p-value
   adjustment (:func:`adjust_p`: Holm by default, as in config ``statistics.p_adjust``);
-* :func:`better_than` counts, over metric x ROI combinations, the methods significantly closer to
-  the reference than a baseline (the paper's "8 out of 12" against the LR);
 * agreement with the reference: :func:`pearson`, Lin's concordance correlation coefficient
   (:func:`lin_ccc`), the intraclass correlation ICC(2,1) (:func:`icc_2_1`, Shrout & Fleiss 1979)
   and Bland-Altman limits (:func:`bland_altman`).
@@ -109,33 +107,6 @@ def conover_friedman(table: pd.DataFrame, p_adjust: str = "holm") -> pd.DataFram
     out[iu] = p
     out[(iu[1], iu[0])] = p
     return pd.DataFrame(out, index=table.columns, columns=table.columns)
-
-
-def better_than(errors: dict, baseline: str, alpha: float = 0.05, p_adjust: str = "holm") -> pd.DataFrame:
-    """For each method, on how many tables it is significantly better than ``baseline``.
-
-    ``errors`` maps a key (e.g. (metric, roi)) to a (subjects x methods) table of absolute errors
-    against the reference. A method is better on a table when Friedman's test rejects at
-    ``alpha``, Conover's adjusted p against the baseline is below ``alpha``, and its rank sum is
-    lower than the baseline's (smaller errors). Returns methods x (better, tables).
-    """
-    methods = None
-    counts: dict = {}
-    for key, table in errors.items():
-        if baseline not in table.columns:
-            raise KeyError(f"{key}: baseline {baseline!r} not among the methods {list(table.columns)}")
-        methods = list(table.columns) if methods is None else methods
-        values = _blocks(table)
-        rank_sums = pd.Series(_ranks(values)[0], index=table.columns)
-        global_p = friedman(table).p_value
-        pairs = conover_friedman(table, p_adjust)
-        for m in table.columns:
-            if m == baseline:
-                continue
-            hit = global_p < alpha and pairs.loc[m, baseline] < alpha and rank_sums[m] < rank_sums[baseline]
-            counts[m] = counts.get(m, 0) + int(hit)
-    rows = [(m, counts.get(m, 0), len(errors)) for m in (methods or []) if m != baseline]
-    return pd.DataFrame(rows, columns=["method", "better", "tables"]).set_index("method")
 
 
 def pearson(x, y) -> float:
