@@ -68,3 +68,25 @@ def test_lpips_loads_a_backbone_the_test_creates_and_fails_clearly_without(tmp_p
     torch.save({"weight": torch.zeros(3)}, bad)
     with pytest.raises(LpipsUnavailable, match="not a torchvision AlexNet"):
         load_lpips(bad)
+
+
+def test_quality_record_and_table():
+    from femursr.quality import LPIPS_UNAVAILABLE, quality_record, quality_table
+    from femursr.volume import Volume
+
+    ref = np.stack([textured(seed=i) for i in range(4)]).astype(np.float32)
+    mask = np.ones(ref.shape, np.uint8)
+    hr = Volume(ref, spacing=(0.2, 0.2, 0.2), origin=(0.0, 0.0, 0.0))
+    rows = []
+    for s in ("S001", "S002"):
+        rows.append(quality_record(hr.with_array(ndi.gaussian_filter(ref, 1.5)), hr, hr.with_array(mask), method="LR", subject=s))
+        rows.append(quality_record(hr.with_array(ref * 0.98), hr, hr.with_array(mask), method="srgan_2d", subject=s, timing={"seconds": 2.0 + int(s[-1])}))
+    table = quality_table(rows).set_index("method")
+    assert list(table.index) == ["LR", "srgan_2d"]
+    assert table.loc["srgan_2d", "ssim"] > table.loc["LR", "ssim"]
+    assert table.loc["srgan_2d", "seconds_per_volume"] == pytest.approx(3.5)
+    assert np.isnan(table.loc["LR", "seconds_per_volume"]) and np.isnan(table.loc["LR", "lpips"])
+    assert table.loc["LR", "note"] == LPIPS_UNAVAILABLE
+    shifted = Volume(ref, spacing=(0.2, 0.2, 0.2), origin=(5.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="subject S009: the LR volume is not on the HR grid"):
+        quality_record(shifted, hr, hr.with_array(mask), method="LR", subject="S009")

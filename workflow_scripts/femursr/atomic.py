@@ -58,6 +58,7 @@ def atomic_file(final: str | os.PathLike):
 
 
 def write_tsv(df, path: str | os.PathLike, **kw) -> None:
-    """Write a DataFrame as TSV (no index) atomically."""
+    """Write a DataFrame as TSV (no index) atomically; ``sep=","`` for CSV."""
+    kw.setdefault("sep", "\t")
     with atomic_file(path) as tmp:
-        df.to_csv(tmp, sep="\t", index=False, **kw)
+        df.to_csv(tmp, index=False, **kw)

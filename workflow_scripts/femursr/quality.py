@@ -178,3 +178,49 @@ def volume_quality(pred, ref, mask, lpips_model=None, data_range: float = 1.0, s
         vals = [lpips_slices(lpips_model, np.asarray(pred[idx[i : i + 16]]), np.asarray(ref[idx[i : i + 16]])) for i in range(0, idx.size, 16)]
         out["lpips"] = float(np.concatenate(vals).mean())
     return out
+
+
+LPIPS_UNAVAILABLE = "LPIPS unavailable: no backbone weights"
+
+
+def quality_record(pred, ref, mask, *, method: str, subject: str, lpips_model=None, lpips_note: str = "", timing: dict | None = None, step: int = 1) -> dict:
+    """One row of the image-quality table: the volume's metrics against the HR, and its T/V.
+
+    ``pred``, ``ref``, ``mask`` are :class:`femursr.volume.Volume` s on one grid; ``timing`` is
+    the inference record written beside an SR volume (T/V in ``seconds``), None for the LR.
+    """
+    for name, vol in ((method, pred), ("femur mask", mask)):
+        if not ref.same_grid(vol):
+            raise ValueError(
+                f"subject {subject}: the {name} volume is not on the HR grid (shape {vol.shape} vs "
+                f"{ref.shape}); rerun its preprocessing or inference"
+            )
+    q = volume_quality(pred.array, ref.array, mask.array > 0, lpips_model=lpips_model, step=step)
+    row = {"subject": subject, "method": method, **q}
+    if lpips_model is None:
+        row["lpips"] = float("nan")
+        row["lpips_note"] = lpips_note or LPIPS_UNAVAILABLE
+    row["seconds_per_volume"] = float(timing["seconds"]) if timing else float("nan")
+    return row
+
+
+def quality_table(rows: list[dict]) -> "pd.DataFrame":
+    """Methods as rows: mean SSIM, PSNR, LPIPS, GSSIM over the test subjects, and mean T/V (s)."""
+    import pandas as pd
+
+    from .tables import method_label, method_order
+
+    df = pd.DataFrame(rows)
+    agg = df.groupby("method").agg(
+        subjects=("subject", "nunique"),
+        ssim=("ssim", "mean"),
+        psnr=("psnr", "mean"),
+        lpips=("lpips", "mean"),
+        gssim=("gssim", "mean"),
+        seconds_per_volume=("seconds_per_volume", "mean"),
+    )
+    agg = agg.loc[method_order(agg.index)]
+    agg.insert(0, "label", [method_label(m) for m in agg.index])
+    notes = df.groupby("method")["lpips_note"].first() if "lpips_note" in df else None
+    agg["note"] = [notes.get(m) if notes is not None and isinstance(notes.get(m), str) else "" for m in agg.index]
+    return agg.reset_index()
