@@ -17,6 +17,10 @@ report: "report/workflow.rst"
 include: "rules/common.smk"
 include: "rules/synthetic.smk"
 include: "rules/preprocess.smk"
+include: "rules/nnunet.smk"
+include: "rules/sr.smk"
+include: "rules/evaluate.smk"
+include: "rules/results.smk"
 
 
 rule all:

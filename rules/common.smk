@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "workflow_scripts"))
 import dataclasses  # noqa: E402
 
 from femursr.cohort import CohortError, load_subjects, synthetic_ids  # noqa: E402
+from femursr import nnunet as femur_nnunet  # noqa: E402
 from femursr.masks import ThresholdParams  # noqa: E402
 from femursr.registration import RigidParams  # noqa: E402
 
@@ -123,4 +124,442 @@ def final_targets():
     targets += expand(rules.normalize.output, subject=PAIRED)
     if SYNTHETIC:
         targets += list(rules.preprocessing_accuracy.output)
+    targets += sr_targets()
+    targets += evaluation_targets()
+    targets += results_targets()
     return targets
+
+
+# ------------------------------------------------------------------ femur masks (nnunet backend)
+# rules/nnunet.smk: nnunet_dataset -> nnunet_plan -> nnunet_train -> femur_mask. Everything below
+# is decided at parse time, so a wrong model folder or a sheet cohort without labelled CTs stops
+# the run before any job starts.
+MASK = config["preprocessing"]["mask"]
+NNUNET = MASK["nnunet"]
+NNUNET_ON = MASK["backend"] == "nnunet"
+NNUNET_ROOT = "results/nnunet"
+NNUNET_DATASET = femur_nnunet.dataset_name(NNUNET["dataset_id"], NNUNET["dataset_name"])
+NNUNET_FOLD_DIR = f"fold_{NNUNET['fold']}"
+# the model this workflow trains (when no model_folder is given), in nnU-Net's layout
+NNUNET_TRAINED = (
+    f"{NNUNET_ROOT}/nnUNet_results/{NNUNET_DATASET}/"
+    f"{NNUNET['trainer']}__{femur_nnunet.PLANS}__{NNUNET['configuration']}"
+)
+NNUNET_MODEL = (NNUNET["model_folder"] or NNUNET_TRAINED).rstrip("/")
+NNUNET_CHECKPOINT = f"{NNUNET_MODEL}/{NNUNET_FOLD_DIR}/{femur_nnunet.CHECKPOINT}"
+# the training cases: labelled CTs given in config ([{case, image, mask}]), or else synthetic
+# subjects whose LR scan and truth LR-grid mask train the model
+NNUNET_CASES = []
+NNUNET_SUBJECTS = []
+_NNUNET_KEY = "config preprocessing.mask.nnunet"
+
+if NNUNET_ON and NNUNET["model_folder"]:
+    try:
+        femur_nnunet.check_model_folder(NNUNET_MODEL, [NNUNET["fold"]])
+    except FileNotFoundError as err:
+        raise WorkflowError(f"{_NNUNET_KEY}.model_folder: {err}") from None
+elif NNUNET_ON:
+    if NNUNET["training_cases"] is not None and NNUNET["training_subjects"] is not None:
+        raise WorkflowError(
+            f"{_NNUNET_KEY}: give training_cases (labelled CTs) or training_subjects "
+            "(synthetic subjects), not both"
+        )
+    if NNUNET["training_cases"] is not None:
+        try:
+            NNUNET_CASES = femur_nnunet.read_training_cases(
+                NNUNET["training_cases"], where=f"{_NNUNET_KEY}.training_cases"
+            )
+        except ValueError as err:
+            raise WorkflowError(str(err)) from None
+    elif SYNTHETIC:
+        # By default every synthetic subject's LR scan trains the model that then masks it, so
+        # the demo's masks are predictions on training cases (an optimistic Dice). The data
+        # split of the SR models is not used here (it was not there when this was written);
+        # training_subjects can hold subjects out.
+        NNUNET_SUBJECTS = list(
+            SUBJECTS
+            if NNUNET["training_subjects"] is None
+            else NNUNET["training_subjects"]
+        )
+        unknown = [s for s in NNUNET_SUBJECTS if s not in SUBJECTS]
+        if unknown:
+            raise WorkflowError(
+                f"{_NNUNET_KEY}.training_subjects: {', '.join(unknown)} not in the synthetic "
+                f"cohort ({SUBJECTS[0]} ... {SUBJECTS[-1]})"
+            )
+        if len(NNUNET_SUBJECTS) < 2:
+            raise WorkflowError(
+                f"{_NNUNET_KEY}.training_subjects: nnU-Net needs at least 2 training cases, "
+                f"got {len(NNUNET_SUBJECTS)}"
+            )
+    else:
+        raise WorkflowError(
+            f"{_NNUNET_KEY}: the nnunet femur-mask backend with `cohort: sheet` needs a model or "
+            "labelled CTs to train one. Add either `model_folder:` (an nnU-Net model trained "
+            "elsewhere, the folder holding plans.json, dataset.json and "
+            f"{NNUNET_FOLD_DIR}/{femur_nnunet.CHECKPOINT}) or `training_cases:` (a TSV with "
+            "columns image, mask [, case], or a list of {image: ..., mask: ...}: CTs in HU and "
+            "binary femur masks on their grids; the paper used 1 mm femur crops of "
+            "TotalSegmentator CTs), or set `backend: threshold`"
+        )
+    _n_cases = len(NNUNET_CASES) + len(NNUNET_SUBJECTS)
+    # nnU-Net's split has min(5, cases) folds (femursr.nnunet.plan_and_preprocess)
+    if NNUNET["fold"] != "all" and NNUNET["fold"] >= min(5, _n_cases):
+        raise WorkflowError(
+            f"{_NNUNET_KEY}.fold: fold {NNUNET['fold']} does not exist with {_n_cases} training "
+            f"cases (folds 0 to {min(5, _n_cases) - 1}, or all)"
+        )
+
+NNUNET_TRAIN_OPTIONS = {
+    k: NNUNET[k]
+    for k in ("configuration", "fold", "trainer", "epochs", "iterations_per_epoch")
+    + ("val_iterations", "device", "seed")
+}
+
+# the slice of the mask config that the femur_mask rule uses (editing the other backend's
+# settings does not rerun the masks)
+if NNUNET_ON:
+    MASK_OPTIONS = {
+        "backend": "nnunet",
+        **{k: NNUNET[k] for k in ("fold", "spacing_mm", "device", "mirroring")},
+    }
+else:
+    MASK_OPTIONS = {"backend": MASK["backend"], "threshold": MASK["threshold"]}
+
+
+def femur_mask_input(wildcards):
+    """Inputs of femur_mask: the LR resampled onto the HR grid (threshold), or the native LR,
+    the HR (its grid only), the registration and the nnU-Net checkpoint (nnunet)."""
+    s = wildcards.subject
+    if not NNUNET_ON:
+        return {"lr": rules.resample_lr.output.volume.format(subject=s)}
+    return {
+        "lr": rules.import_scan.output.volume.format(subject=s, scan="lr"),
+        "hr": rules.import_scan.output.volume.format(subject=s, scan="hr"),
+        "transform": rules.register.output.transform.format(subject=s),
+        "model": NNUNET_CHECKPOINT,
+    }
+
+
+def nnunet_dataset_input(wildcards):
+    """The labelled CTs of the nnU-Net dataset: images and masks, in case order (for synthetic
+    subjects the masks are their truth folders, holding femur_mask_lr.nii.gz)."""
+    if NNUNET_CASES:
+        return {
+            "images": [c["image"] for c in NNUNET_CASES],
+            "masks": [c["mask"] for c in NNUNET_CASES],
+        }
+    return {
+        "images": expand(
+            rules.import_scan.output.volume, subject=NNUNET_SUBJECTS, scan="lr"
+        ),
+        "masks": expand(rules.synthesize_subject.output.truth, subject=NNUNET_SUBJECTS),
+    }
+
+
+def nnunet_case_ids():
+    """Case ids of the nnU-Net dataset, in the order of nnunet_dataset_input."""
+    return [c["case"] for c in NNUNET_CASES] or list(NNUNET_SUBJECTS)
+
+
+def largest_input_mem_mb(wildcards, input, attempt):
+    """Memory (MB) of a job that holds one input at a time: twelve times the largest input
+    (float copies, a 1 mm resampled copy, compression), at least 2 GB; doubled on each retry.
+    """
+    return int(max(2000, 12 * max([_size_mb(p) for p in input] or [0])) * attempt)
+
+
+def nnunet_gpu(wildcards):
+    """GPUs of nnU-Net training: none when the config says cpu, else one (auto uses it if there)."""
+    return 0 if NNUNET["device"] == "cpu" else 1
+
+
+def nnunet_predict_gpu(wildcards):
+    """GPUs of the femur mask: one only when nnU-Net is told to use cuda (a short prediction
+    with device auto uses a GPU when it finds one, without reserving it)."""
+    return 1 if NNUNET_ON and NNUNET["device"] == "cuda" else 0
+
+
+def nnunet_train_runtime(wildcards, attempt):
+    """Minutes of nnU-Net training: the iteration budget at 3 s per iteration on a CPU
+    (3d_fullres, 2 cores) or 0.3 s on a GPU, plus half an hour; doubled on each retry.
+    """
+    its = NNUNET["epochs"] * (NNUNET["iterations_per_epoch"] + NNUNET["val_iterations"])
+    per_it = 3.0 if NNUNET["device"] == "cpu" else 0.3
+    return int((30 + its * per_it / 60) * attempt)
+
+
+# ------------------------------------------------------------------ SR models (rules/sr.smk)
+# The split is drawn here, at parse time, so that the DAG knows the test subjects, whose volumes
+# the trained models are applied to; rule `split` writes the same split to results/split.tsv.
+# The registry is read without importing torch.
+from femursr.split import SplitError, split_subjects  # noqa: E402
+from femursr.sr.registry import MODELS as SR_REGISTRY  # noqa: E402
+
+TRAINING = config["training"]
+SR_MODELS = list(TRAINING["models"])
+SR_DIMS = list(TRAINING["dims"])
+SR_FIXED_SPLIT = {} if SYNTHETIC else {s: SHEET.loc[s, "split"] for s in PAIRED}
+SR_TRAIN, SR_VALIDATION, SR_TEST = [], [], []
+try:
+    SPLIT = split_subjects(
+        PAIRED, config["split"], config["seed"], fixed=SR_FIXED_SPLIT
+    )
+    SR_TRAIN, SR_VALIDATION, SR_TEST = (
+        SPLIT.part(p) for p in ("train", "validation", "test")
+    )
+except SplitError as err:
+    # without SR models (training.models: []) the split is not needed
+    if SR_MODELS:
+        raise WorkflowError(str(err)) from None
+_sr_unknown = [m for m in SR_MODELS if m not in SR_REGISTRY]
+if _sr_unknown:
+    raise WorkflowError(
+        f"config training.models: unknown SR model(s) {', '.join(_sr_unknown)}; known: "
+        f"{', '.join(sorted(SR_REGISTRY))} (femursr.sr.registry.MODELS)"
+    )
+_sr_no_block = [m for m in SR_MODELS if m not in config["models"]]
+if _sr_no_block:
+    raise WorkflowError(
+        f"config training.models: {', '.join(_sr_no_block)} has no settings block "
+        "models.<name> in config/schemas/config.schema.yaml; add one"
+    )
+SR_RUN = "results/models/{model}_{dims}"
+# the slices of `training` that the SR rules use: settings of inference do not retrain
+SR_TRAIN_OPTIONS = {
+    k: TRAINING[k]
+    for k in ("patch_size_px", "batch_size", "samples_per_epoch", "neighbours")
+    + ("validation_patches", "perceptual_weights", "device", "amp", "num_workers")
+    + ("checkpoint_every_steps", "log_every_steps")
+}
+SR_INFER_OPTIONS = {
+    "device": TRAINING["device"],
+    "amp": TRAINING["amp"],
+    "batch_slices": TRAINING["inference_batch_slices"],
+    "tile_px": TRAINING["inference_tile_px"],
+    "tile_overlap_px": TRAINING["inference_tile_overlap_px"],
+}
+
+
+wildcard_constraints:
+    model="|".join(SR_MODELS),
+    dims="|".join(SR_DIMS),
+
+
+def sr_subject_files(part, kind):
+    """Prepared volumes (kind lr, hr) or femur masks (mask) of the subjects of a split part."""
+    subjects = SR_TRAIN if part == "train" else SR_VALIDATION
+    if kind == "mask":
+        return expand(rules.femur_mask.output.mask, subject=subjects)
+    return expand(getattr(rules.normalize.output, kind), subject=subjects)
+
+
+def sr_perceptual_weights(wildcards):
+    """The VGG19 weights file of the perceptual losses, when configured (an input, so that a
+    missing file stops the run before any training starts)."""
+    return [TRAINING["perceptual_weights"]] if TRAINING["perceptual_weights"] else []
+
+
+def sr_gpu(wildcards):
+    """GPUs of an SR job: none when the config says cpu, else one (auto uses it if there)."""
+    return 0 if TRAINING["device"] == "cpu" else 1
+
+
+def sr_train_mem_mb(wildcards, attempt):
+    """Host memory (MB) of a training job: torch and the model (4 GB) and 1.5 GB per DataLoader
+    worker (patches come from memory maps); doubled on each retry."""
+    return int((4000 + 1500 * TRAINING["num_workers"]) * attempt)
+
+
+def sr_infer_mem_mb(wildcards, input, attempt):
+    """Host memory (MB) of inference on one volume: torch and the model (4 GB) and three times
+    the LR volume (the SR output, the mask, slices in flight); doubled on each retry."""
+    return int((4000 + 3 * _size_mb(input.lr)) * attempt)
+
+
+def sr_targets():
+    """The split, every trained model's record, and the SR volumes and T/V of the test subjects."""
+    if not SR_MODELS:
+        return []
+    return (
+        list(rules.split.output)
+        + expand(rules.train_sr.output.record, model=SR_MODELS, dims=SR_DIMS)
+        + expand(rules.sr_infer.output, model=SR_MODELS, dims=SR_DIMS, subject=SR_TEST)
+    )
+
+
+# ------------------------------------------------------------------ ROI evaluation (rules/evaluate.smk)
+# An evaluated volume is a (method, subject): LR and HR of the evaluated subjects, and the SR
+# outputs {model}_{dims} of the test subjects. Templates come from the training subjects.
+from femursr.pointcloud import MatchParams  # noqa: E402
+
+EVAL = config["evaluation"]
+EVAL_ROOT = "results/evaluation"
+_EVAL_KEY = "config evaluation"
+_check_fields(EVAL["matching"], MatchParams, "evaluation.matching")
+EVAL_SUBJECTS = list(PAIRED) if EVAL["subjects"] == "all" else list(SR_TEST)
+SR_METHODS = [f"{m}_{d}" for m in SR_MODELS for d in SR_DIMS]
+EVAL_SR = SR_METHODS if EVAL["include_sr"] else []
+TEMPLATE_CANDIDATES = list(EVAL["template_subjects"] or SR_TRAIN)
+_tpl_unknown = [s for s in TEMPLATE_CANDIDATES if s not in PAIRED]
+if _tpl_unknown:
+    raise WorkflowError(
+        f"{_EVAL_KEY}.template_subjects: {', '.join(_tpl_unknown)} is not a subject with both "
+        "scans (the template is the HR's femur mask)"
+    )
+# given subjects are all templates; else n_templates by bone-volume quantiles, at most one per
+# candidate (a small cohort has fewer training subjects than templates; selection.tsv shows it)
+N_TEMPLATES = (
+    len(TEMPLATE_CANDIDATES)
+    if EVAL["template_subjects"]
+    else min(EVAL["n_templates"], len(TEMPLATE_CANDIDATES))
+)
+TEMPLATE_LABELS = dict(EVAL["template_labels"] or {})
+if SYNTHETIC and TEMPLATE_LABELS:
+    raise WorkflowError(
+        f"{_EVAL_KEY}.template_labels: the synthetic cohort's templates are labelled from its "
+        "truth (results/synthetic/{subject}/truth/regions.nii.gz); remove template_labels"
+    )
+_lab_unknown = [s for s in TEMPLATE_LABELS if s not in TEMPLATE_CANDIDATES]
+if _lab_unknown:
+    raise WorkflowError(
+        f"{_EVAL_KEY}.template_labels: {', '.join(_lab_unknown)} cannot be a template (templates "
+        f"come from {'evaluation.template_subjects' if EVAL['template_subjects'] else 'the training subjects of the split'})"
+    )
+if EVAL["template_subjects"] and not SYNTHETIC:
+    _lab_missing = [s for s in TEMPLATE_CANDIDATES if s not in TEMPLATE_LABELS]
+    if _lab_missing:
+        raise WorkflowError(
+            f"{_EVAL_KEY}.template_subjects: {', '.join(_lab_missing)} has no region label map in "
+            "evaluation.template_labels; add {subject: path} (1 head, 2 neck, 3 trochanter, 4 shaft)"
+        )
+
+# what place_rois uses (editing the morphometry context or the bone threshold does not re-place)
+ROI_OPTIONS = {
+    k: EVAL[k]
+    for k in ("roi_source", "min_outline_fraction", "refine_radius", "matching")
+    + ("template_points", "surface_voxel_mm", "outline_closing_mm", "roi_edge_vox")
+}
+
+
+wildcard_constraints:
+    method="|".join(["LR", "HR"] + SR_METHODS),
+
+
+def evaluated_pairs():
+    """(method, subject) of every evaluated volume."""
+    pairs = [(m, s) for s in EVAL_SUBJECTS for m in ("LR", "HR")]
+    return pairs + [(m, s) for s in SR_TEST for m in EVAL_SR]
+
+
+def evaluation_outputs(pattern):
+    """``pattern`` (with {method} and {subject}) for every evaluated volume."""
+    return [pattern.format(method=m, subject=s) for m, s in evaluated_pairs()]
+
+
+def evaluated_volume(wildcards):
+    """The volume of a method: the prepared LR (on the HR grid) or HR, or an SR output."""
+    m, s = wildcards.method, wildcards.subject
+    if m in ("LR", "HR"):
+        return getattr(rules.normalize.output, m.lower()).format(subject=s)
+    model, dims = m.rsplit("_", 1)
+    return rules.sr_infer.output.volume.format(model=model, dims=dims, subject=s)
+
+
+def place_rois_input(wildcards):
+    """Inputs of place_rois: the method's bone mask and volume, the femur mask, the templates,
+    and for every method but the HR the HR's ROIs (the distance to them, roi_source hr).
+    """
+    s = wildcards.subject
+    inputs = {
+        "bone": rules.bone_mask.output.mask.format(method=wildcards.method, subject=s),
+        "volume": evaluated_volume(wildcards),
+        "femur": rules.femur_mask.output.mask.format(subject=s),
+        "templates": rules.templates.output.templates,
+    }
+    if wildcards.method != "HR":
+        inputs["hr_rois"] = rules.place_rois.output.rois.format(method="HR", subject=s)
+    return inputs
+
+
+def template_label_input(wildcards):
+    """Region labels of the template candidates: the synthetic truth folders, or the label maps
+    given in evaluation.template_labels."""
+    if SYNTHETIC:
+        return expand(
+            rules.synthesize_subject.output.truth, subject=TEMPLATE_CANDIDATES
+        )
+    return list(TEMPLATE_LABELS.values())
+
+
+def template_label_maps():
+    """subject -> label map file, for the templates rule."""
+    if SYNTHETIC:
+        return {
+            s: f"{rules.synthesize_subject.output.truth.format(subject=s)}/regions.nii.gz"
+            for s in TEMPLATE_CANDIDATES
+        }
+    return TEMPLATE_LABELS
+
+
+def _evaluation_mem_mb(subjects, attempt):
+    """8 bytes per voxel of the largest prepared HR of ``subjects`` (masks, an outline, a float
+    slab, the mesh), at least 2 GB; doubled on each retry."""
+    sizes = [_size_mb(rules.normalize.output.hr.format(subject=s)) for s in subjects]
+    voxels_m = max(sizes or [0]) / 4.0  # float32
+    return int(max(2000, 8 * voxels_m) * attempt)
+
+
+def evaluation_mem_mb(wildcards, attempt):
+    """Memory (MB) of a job on one evaluated volume (see _evaluation_mem_mb)."""
+    return _evaluation_mem_mb([wildcards.subject], attempt)
+
+
+def templates_mem_mb(wildcards, attempt):
+    """Memory (MB) of the template jobs: as for the largest template candidate."""
+    return _evaluation_mem_mb(TEMPLATE_CANDIDATES, attempt)
+
+
+def evaluation_targets():
+    """The morphometry tables of every evaluated volume, the combined tables and, on the
+    synthetic cohort, the accuracy of the HR's ROI centres against the truth."""
+    targets = list(rules.morphometry_table.output)
+    if SYNTHETIC:
+        targets += list(rules.roi_accuracy.output)
+    return targets
+
+
+# ------------------------------------------------------------------ results (rules/results.smk)
+# Image quality and Table 1 are over the test subjects: the LR and every SR variant against the
+# HR (Table 1 also lists the HR itself).
+QUALITY_OPTIONS = config["evaluation"]["quality"]
+QUALITY_METHODS = ["LR"] + EVAL_SR
+RESULT_SUBJECTS = list(SR_TEST) if SR_MODELS else list(EVAL_SUBJECTS)
+
+
+def quality_input(wildcards):
+    """The evaluated volume (prepared LR or SR output), the HR, the femur mask, and the T/V
+    record of an SR output."""
+    s = wildcards.subject
+    files = {
+        "hr": rules.normalize.output.hr.format(subject=s),
+        "mask": rules.femur_mask.output.mask.format(subject=s),
+    }
+    if wildcards.method == "LR":
+        files["volume"] = rules.normalize.output.lr.format(subject=s)
+    else:
+        model, dims = wildcards.method.rsplit("_", 1)
+        files["volume"] = rules.sr_infer.output.volume.format(
+            model=model, dims=dims, subject=s
+        )
+        files["timing"] = rules.sr_infer.output.timing.format(
+            model=model, dims=dims, subject=s
+        )
+    return files
+
+
+def results_targets():
+    """Table 1, the statistics and the image-quality table (needs at least 2 test subjects)."""
+    if len(RESULT_SUBJECTS) < 2:
+        return []
+    return list(rules.results_tables.output)

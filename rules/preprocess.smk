@@ -78,7 +78,8 @@ rule resample_lr:
 
 rule femur_mask:
     input:
-        lr=rules.resample_lr.output.volume,
+        # threshold: the LR on the HR grid; nnunet: the native LR, HR, transform and model
+        unpack(femur_mask_input),
     output:
         mask="results/masks/{subject}/femur.nii.gz",
         report="results/masks/{subject}/femur.json",
@@ -90,8 +91,9 @@ rule femur_mask:
     resources:
         mem_mb=preprocess_mem_mb,
         runtime=30,
+        gpu=nnunet_predict_gpu,
     params:
-        options=config["preprocessing"]["mask"],
+        options=MASK_OPTIONS,
     script:
         "../workflow_scripts/femur_mask.py"
 

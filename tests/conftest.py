@@ -32,6 +32,9 @@ def small_synthetic(n_subjects=3, scale=0.35, voxel=0.25) -> dict:
     syn["anatomy_scale"] = scale
     syn["hr"]["voxel_mm"] = voxel
     syn["lr"]["fov_mm"] = [70, 70, 60]
+    # no SR models: training them takes minutes per model on a CPU (test_sr_machinery.py turns
+    # them back on in its workflow test)
+    cfg["training"]["models"] = []
     return cfg
 
 

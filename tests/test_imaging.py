@@ -439,7 +439,8 @@ def test_import_to_file_leaves_no_output_on_error(tmp_path, monkeypatch):
         import_to_file(tmp_path / "lr", out / "lr.nii", out / "lr.json")
     assert list(out.iterdir()) == []
 
-    # a failure after the volume was written (disk full while finishing) removes it too
+    # a failure after the volume was written (disk full while finishing) removes it too: whether
+    # the volume was written whole (.nii.gz) ...
     real = imaging.write_volume
 
     def write_then_fail(vol, path):
@@ -447,6 +448,18 @@ def test_import_to_file_leaves_no_output_on_error(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(imaging, "write_volume", write_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        import_to_file(tmp_path / "lr", out / "lr.nii.gz", out / "lr.json", allow_resample_nonuniform=True)
+    assert list(out.iterdir()) == []
+
+    # ... or streamed slice by slice into a .nii
+    real_commit = imaging.VolumeWriter.commit
+
+    def commit_then_fail(self):
+        real_commit(self)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(imaging.VolumeWriter, "commit", commit_then_fail)
     with pytest.raises(OSError, match="disk full"):
         import_to_file(tmp_path / "lr", out / "lr.nii", out / "lr.json", allow_resample_nonuniform=True)
     assert list(out.iterdir()) == []

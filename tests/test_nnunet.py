@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from femursr import nnunet
 from femursr.volume import Volume
@@ -164,12 +165,78 @@ def test_environment_is_set_for_the_block_only(tmp_path, monkeypatch):
 
 
 def test_device_auto_is_cuda_only_when_there_is_one():
-    torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[nnunet]')")
     assert nnunet.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert nnunet.resolve_device("cpu").type == "cpu"
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA GPU"):
             nnunet.resolve_device("cuda")
+
+
+def _write_cases(tmp_path, n=2):
+    """n labelled blob cases as NIfTI files; returns [(image path, mask path)]."""
+    paths = []
+    for case, img, mask in _blob_cases(n):
+        ip, mp = tmp_path / f"{case}_ct.nii.gz", tmp_path / f"{case}_femur.nii.gz"
+        sitk.WriteImage(img.to_sitk(), str(ip))
+        sitk.WriteImage(mask.to_sitk(), str(mp))
+        paths.append((ip, mp))
+    return paths
+
+
+def test_training_cases_from_a_tsv_or_a_list(tmp_path):
+    (i0, m0), (i1, m1) = _write_cases(tmp_path)
+    tsv = tmp_path / "cases.tsv"
+    tsv.write_text(f"case\timage\tmask\nA-1\t{i0}\t{m0}\nB-2\t{i1}\t{m1}\n")
+    assert nnunet.read_training_cases(str(tsv)) == [
+        {"case": "A-1", "image": str(i0), "mask": str(m0)},
+        {"case": "B-2", "image": str(i1), "mask": str(m1)},
+    ]
+    # without case ids, T001, T002, ... by position
+    listed = nnunet.read_training_cases([{"image": str(i0), "mask": str(m0)}, {"image": str(i1), "mask": str(m1)}])
+    assert [c["case"] for c in listed] == ["T001", "T002"]
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ("image\tmask\n{i0}\t{m0}\n", "at least 2"),
+        ("image\tmask\n{i0}\t{m0}\n{i1}\t/nowhere/femur.nii.gz\n", r"case T002 \(row 2\): mask /nowhere/femur.nii.gz not found"),
+        ("imgae\tmask\n{i0}\t{m0}\n{i1}\t{m1}\n", "missing image; unknown 'imgae'"),
+        ("case\timage\tmask\nS_1\t{i0}\t{m0}\nS2\t{i1}\t{m1}\n", r"case S_1 \(row 1\): case ids are letters"),
+        ("case\timage\tmask\nS1\t{i0}\t{m0}\nS1\t{i1}\t{m1}\n", "given twice"),
+    ],
+)
+def test_bad_training_case_tables_name_the_row_and_file(tmp_path, table, message):
+    (i0, m0), (i1, m1) = _write_cases(tmp_path)
+    tsv = tmp_path / "cases.tsv"
+    tsv.write_text(table.format(i0=i0, m0=m0, i1=i1, m1=m1))
+    with pytest.raises(ValueError, match=message) as err:
+        nnunet.read_training_cases(str(tsv), where="training_cases")
+    assert str(tsv) in str(err.value)
+    with pytest.raises(ValueError, match="file not found"):
+        nnunet.read_training_cases(str(tmp_path / "none.tsv"))
+
+
+def test_labelled_case_is_read_and_bad_masks_are_refused(tmp_path):
+    (i0, m0), _ = _write_cases(tmp_path)
+    case, img, mask = nnunet.read_labelled_case("C00", i0, m0)
+    assert case == "C00" and img.same_grid(mask) and mask.array.dtype == np.uint8 and mask.array.sum() > 100
+    ref = sitk.ReadImage(str(m0))
+    multi = sitk.Cast(ref, sitk.sitkUInt8) * 75  # a multi-label map (TotalSegmentator-like label 75)
+    multi.CopyInformation(ref)
+    sitk.WriteImage(multi, str(tmp_path / "multi.nii.gz"))
+    with pytest.raises(ValueError, match=r"case C00: the mask .*multi.nii.gz has values \[0, 75\]; give a binary femur mask"):
+        nnunet.read_labelled_case("C00", i0, tmp_path / "multi.nii.gz")
+    shifted = sitk.Image(ref)
+    shifted.SetOrigin((5.0, 0.0, 0.0))
+    sitk.WriteImage(shifted, str(tmp_path / "shifted.nii.gz"))
+    with pytest.raises(ValueError, match=r"shifted.nii.gz .* is not on the grid of the image .*C00_ct.nii.gz"):
+        nnunet.read_labelled_case("C00", i0, tmp_path / "shifted.nii.gz")
+    empty = sitk.Image(ref) * 0
+    empty.CopyInformation(ref)
+    sitk.WriteImage(empty, str(tmp_path / "empty.nii.gz"))
+    with pytest.raises(ValueError, match="empty"):
+        nnunet.read_labelled_case("C00", i0, tmp_path / "empty.nii.gz")
 
 
 # ------------------------------------------------------------------------------ end to end (slow)
@@ -213,10 +280,6 @@ def _hr_reference(subj, spacing=0.5, margin=3.0):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """assemble -> plan/preprocess (2d, 3d_fullres) -> train 2d on 5 phantom LR scans (demo noise)."""
-    pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[nnunet]')")
-    pytest.importorskip("nnunetv2", reason="nnunetv2 is not installed (pip install -e '.[nnunet]')")
-    import torch
-
     torch.set_num_threads(2)
     cfg = small_synthetic(n_subjects=N_TRAIN + 1, scale=0.35)
     syn, seed = cfg["synthetic"], cfg["seed"]
@@ -282,8 +345,6 @@ def test_predicted_mask_on_the_hr_grid_matches_the_analytic_femur(trained):
 def test_a_model_folder_trained_elsewhere_predicts_the_same(trained, tmp_path):
     """A copy of the model folder elsewhere, its checkpoint naming nnU-Net's stock trainer (as a
     model trained with plain nnUNetv2_train would), predicts the same mask."""
-    import torch
-
     elsewhere = tmp_path / "downloaded" / "nnUNetTrainer__nnUNetPlans__2d"
     shutil.copytree(trained["model"], elsewhere)
     ckpt_file = elsewhere / "fold_0" / "checkpoint_final.pth"

@@ -192,6 +192,29 @@ def test_bspline_resampling_reproduces_a_linear_ramp_through_a_rigid_transform()
     np.testing.assert_allclose(got, expected, atol=0.05)
 
 
+def test_lr_in_the_hr_frame_resamples_like_the_transform():
+    """Folding the HR -> LR transform into the LR's geometry (origin Aᵀ(o - b), direction AᵀD) puts
+    every voxel where the transform does: resampling with the identity equals resample_onto."""
+    rng = np.random.default_rng(3)
+    c, s = np.cos(0.2), np.sin(0.2)
+    lr_vol = Volume(rng.normal(0, 100, (30, 36, 40)).astype(np.float32), (0.98, 0.98, 0.65), (-20.0, -17.0, -9.0),
+                    (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))  # fmt: skip
+    hr = Volume(np.zeros((24, 28, 30), np.float32), (0.4, 0.4, 0.4), (-6.0, -5.0, -4.0))
+    t = reg._euler(rotation_matrix([0.3, -1.0, 0.5], np.deg2rad(17.0)), (1.0, 2.0, -1.0), (3.0, -2.0, 1.5))
+    folded = reg.in_fixed_frame(lr_vol, sitk.Transform(t))  # as read from a .tfm file
+    assert folded.array is lr_vol.array and folded.spacing == lr_vol.spacing
+    # voxel centres land where the transform's inverse sends them
+    ijk = rng.uniform(0, 25, size=(50, 3))
+    np.testing.assert_allclose(reg.transform_points(t, folded.index_to_physical(ijk)), lr_vol.index_to_physical(ijk), atol=1e-9)
+    direct = resample_onto(lr_vol, hr, t, interpolator="linear")
+    via_fold = resample_onto(folded, hr, sitk.Transform(3, sitk.sitkIdentity), interpolator="linear")
+    np.testing.assert_allclose(via_fold.array, direct.array, atol=1e-3)
+    with pytest.raises(ValueError, match="not a rotation"):
+        reg.in_fixed_frame(lr_vol, sitk.AffineTransform((1.1, 0, 0, 0, 1, 0, 0, 0, 1), (0, 0, 0)))
+    with pytest.raises(ValueError, match="rigid"):
+        reg.in_fixed_frame(lr_vol, sitk.ScaleTransform(3, (1.1, 1.0, 1.0)))
+
+
 # --------------------------------------------------------------------- small known answers
 def test_target_registration_error_of_known_motions():
     pts = np.random.default_rng(0).uniform(-30, 30, size=(500, 3))

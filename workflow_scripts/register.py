@@ -12,7 +12,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from femursr.registration import RegistrationError, check_registration, register_rigid, resample_onto, write_registration_outputs
+from femursr.registration import RegistrationError, check_registration, register_rigid, write_registration_outputs
 from femursr.volume import read_volume
 
 with script_logging(snakemake.log[0]) as log:  # noqa: F821
@@ -25,13 +25,13 @@ with script_logging(snakemake.log[0]) as log:  # noqa: F821
     hr = read_volume(sm.input.hr)
     lr = read_volume(sm.input.lr)
     result = register_rigid(hr, lr, label=label, **opts)
-    lr_on_hr = resample_onto(lr, hr, result.transform, interpolator="linear")
     try:
         check_registration(result, min_dice=min_dice, min_structure_ncc=min_structure_ncc, label=label)
     except RegistrationError:
         side = Path(sm.log[0]).with_suffix("")
-        write_registration_outputs(result, f"{side}_failed.tfm", f"{side}_failed_qc.json", f"{side}_failed_qc.png", hr, lr_on_hr)
+        write_registration_outputs(result, f"{side}_failed.tfm", f"{side}_failed_qc.json", f"{side}_failed_qc.png", hr, lr=lr)
         log.error("QC of the failed registration kept in %s_failed_qc.{json,png}", side)
         raise
-    write_registration_outputs(result, sm.output.transform, sm.output.qc, sm.output.png, hr, lr_on_hr)
+    # the QC figure resamples only its three slices of the HR grid, not the whole grid
+    write_registration_outputs(result, sm.output.transform, sm.output.qc, sm.output.png, hr, lr=lr)
     log.info("%s registered: metric %.4f, femur Dice %.3f", label, result.metric, result.dice)

@@ -7,7 +7,7 @@ limit_threads(snakemake.threads)  # noqa: F821  (before numpy is imported)
 import SimpleITK as sitk
 
 from femursr.registration import resample_onto
-from femursr.volume import read_volume, write_volume
+from femursr.volume import VolumeWriter, read_volume
 
 with script_logging(snakemake.log[0]) as log:  # noqa: F821
     sm = snakemake  # noqa: F821
@@ -16,6 +16,7 @@ with script_logging(snakemake.log[0]) as log:  # noqa: F821
     hr = read_volume(sm.input.hr)
     tfm = sitk.ReadTransform(sm.input.transform)
     opts = sm.params.options
-    out = resample_onto(lr, hr, tfm, interpolator=opts["interpolator"], default_hu=opts["default_hu"])
-    write_volume(out, sm.output.volume)
+    # slab by slab into the output file: a paper-scale HR grid (5.6 GB) is never whole in memory
+    with VolumeWriter(sm.output.volume, hr.shape, "float32", hr.spacing, hr.origin, hr.direction) as w:
+        out = resample_onto(lr, hr, tfm, interpolator=opts["interpolator"], default_hu=opts["default_hu"], out=w)
     log.info("LR resampled onto the HR grid %s", out.shape)

@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 
 from .atomic import atomic_dir
+from .volume import read_slab
 
 HU_INTERCEPT = -1024.0
 
@@ -52,18 +53,15 @@ def write_ct_series(
     The series is written to a temporary folder beside ``out_dir`` and renamed into place, so
     a crash leaves no half-written series. Values are stored as int16 with RescaleSlope 1 and
     RescaleIntercept -1024. ``uid_key`` makes the Study/Series/Frame UIDs deterministic.
-    Returns the file paths in slice order.
+    ``volume_hu`` may be memory-mapped: it is converted slice by slice, so memory holds one slice
+    (see :func:`femursr.volume.read_slab`). Returns the file paths in slice order.
     """
-    vol = np.asarray(volume_hu)
+    vol = volume_hu if isinstance(volume_hu, np.ndarray) else np.asarray(volume_hu)
     if vol.ndim != 3:
         raise ValueError(f"{out_dir}: a CT series needs a 3D volume, got shape {vol.shape}")
     spacing = [float(s) for s in spacing]
     origin = np.asarray(origin, float)
     direction = np.asarray(direction, float).reshape(3, 3)
-    stored = np.round(vol - HU_INTERCEPT)
-    if stored.min() < -32768 or stored.max() > 32767:
-        raise ValueError(f"{out_dir}: HU values out of the int16 range after rescale")
-    stored = stored.astype(np.int16)
 
     out_dir = Path(out_dir)
     study_uid = deterministic_uid(uid_key, "study", patient_id)
@@ -132,7 +130,10 @@ def write_ct_series(
             ds.InstanceNumber = k + 1
             ds.ImagePositionPatient = [f"{v:.6f}" for v in pos]
             ds.SliceLocation = f"{float(pos @ normal):.6f}"
-            ds.PixelData = stored[k].tobytes()
+            stored = np.round(read_slab(vol, k, k + 1)[0] - HU_INTERCEPT)
+            if stored.min() < -32768 or stored.max() > 32767:
+                raise ValueError(f"{out_dir}: HU values out of the int16 range after rescale (slice {k})")
+            ds.PixelData = stored.astype(np.int16).tobytes()
             p = tmp / f"IM{k + 1:05d}.dcm"
             ds.save_as(p, enforce_file_format=True)
             paths.append(out_dir / p.name)

@@ -41,7 +41,7 @@ from pydicom.multival import MultiValue
 
 from . import __version__
 from .atomic import atomic_file
-from .volume import Volume, write_volume
+from .volume import Volume, VolumeWriter, read_slab, value_range, write_volume
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ def import_scan(
     series_uid: str | None = None,
     allow_resample_nonuniform: bool = False,
     spacing_tolerance_mm: float = 0.01,
+    out=None,
 ) -> Volume:
     """Import one scan as a :class:`Volume` in LPS geometry, values float32 (HU for CT).
 
@@ -93,6 +94,12 @@ def import_scan(
     ``series_uid`` picks a DICOM series; without it the CT series with the most slices is taken.
     Slice positions must lie on a uniform grid within ``spacing_tolerance_mm``; if they do not,
     the scan is refused, or interpolated onto a uniform spacing when ``allow_resample_nonuniform``.
+
+    ``out`` says where the voxels of a DICOM series or an ISQ file go: None (a new array in
+    memory) or a callable ``out(shape_zyx, spacing, origin, direction)`` returning an array-like
+    that takes slice assignment, such as a :class:`~femursr.volume.VolumeWriter` (the volume's
+    array is then its ``array``); :func:`import_to_file` streams the slices into its output file
+    that way, so a paper-scale HR (5.6 GB as float32) is never whole in memory.
 
     Returns the volume; ``vol.meta`` is a JSON-serializable report (source, format, series,
     why it was chosen, other series found, geometry, units, warnings). Raises
@@ -124,12 +131,12 @@ def import_scan(
                         f"cannot read the DICOM file's SeriesInstanceUID ({type(exc).__name__})",
                         "give the folder of the DICOM series",
                     ) from None
-        vol = _import_dicom(folder, label, uid, given, allow_resample_nonuniform, spacing_tolerance_mm, warnings)
+        vol = _import_dicom(folder, label, uid, given, allow_resample_nonuniform, spacing_tolerance_mm, warnings, out)
     else:
         if series_uid is not None:
             warnings.append(f"series_uid {series_uid} ignored: {path.name} is not a DICOM series")
         if fmt == "scanco-isq":
-            vol = read_isq(path, label=label, warnings=warnings)
+            vol = read_isq(path, label=label, warnings=warnings, out=out)
         elif fmt == "scanco-aim":
             raise _error(
                 label, path, "Scanco AIM files are not read by femursr (only ISQ is)",
@@ -149,18 +156,31 @@ def import_to_file(path: str | os.PathLike, out_nii: str | os.PathLike, out_json
     """Import ``path`` (see :func:`import_scan`, which takes ``kw``), write the volume to
     ``out_nii`` (use ``.nii``: uncompressed, read back memory-mapped) and the report to
     ``out_json``. Both are written atomically; on any error neither output exists afterwards
-    (stale outputs of an earlier run are removed too, as Snakemake does). Returns the volume.
+    (stale outputs of an earlier run are removed too, as Snakemake does). A DICOM series or ISQ
+    file imported to ``.nii`` is streamed into the file slice by slice (see ``out`` of
+    :func:`import_scan`). Returns the volume (memory-mapped when streamed).
     """
     out_nii, out_json = Path(out_nii), Path(out_json)
     if not out_nii.name.endswith((".nii", ".nii.gz")):
         raise ValueError(f"{out_nii}: the imported volume is stored as .nii (memory-mappable) or .nii.gz")
+    writers: list[VolumeWriter] = []
+
+    def stream(shape, spacing, origin, direction):
+        writers.append(VolumeWriter(out_nii, shape, np.float32, spacing, origin, direction))
+        return writers[-1]
+
     try:
-        vol = import_scan(path, **kw)
+        vol = import_scan(path, out=stream if out_nii.name.endswith(".nii") else None, **kw)
         text = json.dumps(vol.meta, indent=2, allow_nan=False)
         with atomic_file(out_json) as tmp_json:
             tmp_json.write_text(text + "\n")
-            write_volume(vol, out_nii)
+            if writers:
+                writers[-1].commit()
+            else:
+                write_volume(vol, out_nii)
     except BaseException:
+        for w in writers:
+            w.abort()
         out_nii.unlink(missing_ok=True)
         out_json.unlink(missing_ok=True)
         raise
@@ -209,7 +229,7 @@ def _format_of_name(name: str) -> str | None:
 
 
 def _report(vol: Volume, path: Path, fmt: str, label: str, warnings: list[str]) -> dict:
-    lo, hi = (float(np.min(vol.array)), float(np.max(vol.array))) if vol.array.size else (0.0, 0.0)
+    lo, hi = value_range(vol.array)  # slab by slab: the array may be a paper-scale memory map
     if not (math.isfinite(lo) and math.isfinite(hi)):
         warnings.append("the volume holds non-finite values (NaN or inf)")
     return {
@@ -459,7 +479,7 @@ def _floats(ds, keyword: str, n: int) -> tuple:
     return vals
 
 
-def _import_dicom(folder: Path, label, series_uid, given, allow_resample, tol, warnings) -> Volume:
+def _import_dicom(folder: Path, label, series_uid, given, allow_resample, tol, warnings, out=None) -> Volume:
     series, skipped = _scan_folder(folder)
     if not series:
         raise _no_dicom_error(folder, skipped, label)
@@ -475,10 +495,11 @@ def _import_dicom(folder: Path, label, series_uid, given, allow_resample, tol, w
     _check_slices(images, label, uid, folder)
     st = _stack_geometry(images, label, uid, folder, tol, allow_resample, warnings)
 
-    array, decoders, rescales, interpolated = _read_voxels(st.images, st.targets, st.d, label, uid)
-    vol = Volume(
-        array, spacing=(st.ps[1], st.ps[0], st.step), origin=st.pos[0], direction=np.stack([st.row, st.col, st.normal], axis=1)
-    )
+    geometry = dict(spacing=(st.ps[1], st.ps[0], st.step), origin=st.pos[0], direction=np.stack([st.row, st.col, st.normal], axis=1))
+    shape = (len(st.images) if st.targets is None else len(st.targets), int(st.images[0].ds.Rows), int(st.images[0].ds.Columns))
+    dest = out(shape, **geometry) if out is not None else None
+    array, decoders, rescales, interpolated = _read_voxels(st.images, st.targets, st.d, label, uid, dest)
+    vol = Volume(array, **geometry)
     # the result's grid must put every slice where its header says it is, and SimpleITK must agree
     pos_err = None
     if st.targets is None:
@@ -744,10 +765,12 @@ def _read_slice(im: _Image, label: str, uid: str) -> tuple[np.ndarray, str, tupl
     return hu, decoder, (slope, inter)
 
 
-def _read_voxels(images: list[_Image], targets, d, label, uid):
+def _read_voxels(images: list[_Image], targets, d, label, uid, out=None):
     """The slices stacked (z, y, x) float32 HU; with ``targets`` (positions along the normal)
     interpolated linearly between the two nearest slices. Returns (array, decoder counts,
-    rescale pairs with counts, interpolated target indices)."""
+    rescale pairs with counts, interpolated target indices). ``out``: an array-like taking slice
+    assignment to write the slices into (a VolumeWriter; the array returned is its ``array``)
+    instead of a new array."""
     rows, cols = int(images[0].ds.Rows), int(images[0].ds.Columns)
     decoders: dict[str, int] = {}
     rescales: dict[tuple, int] = {}
@@ -765,11 +788,11 @@ def _read_voxels(images: list[_Image], targets, d, label, uid):
 
     interpolated: list[int] = []
     if targets is None:
-        out = np.empty((len(images), rows, cols), np.float32)
+        out = np.empty((len(images), rows, cols), np.float32) if out is None else out
         for k in range(len(images)):
             out[k] = get(k)
     else:
-        out = np.empty((len(targets), rows, cols), np.float32)
+        out = np.empty((len(targets), rows, cols), np.float32) if out is None else out
         for j, t in enumerate(targets):
             k = int(np.clip(np.searchsorted(d, t, side="right") - 1, 0, len(d) - 2))
             w = float(np.clip((t - d[k]) / (d[k + 1] - d[k]), 0.0, 1.0))
@@ -781,7 +804,7 @@ def _read_voxels(images: list[_Image], targets, d, label, uid):
                 out[j] = (1 - w) * get(k) + w * get(k + 1)
                 interpolated.append(j)
     rescale_list = [{"slope": s, "intercept": i, "n_slices": c} for (s, i), c in rescales.items()]
-    return out, decoders, rescale_list, interpolated
+    return (out if isinstance(out, np.ndarray) else out.array), decoders, rescale_list, interpolated
 
 
 def _cross_check_sitk(first: _Image, vol: Volume, label: str, uid: str) -> list[str]:
@@ -956,12 +979,13 @@ def _isq_calibration(ext: bytes) -> dict:
     return out
 
 
-def read_isq(path: str | os.PathLike, *, label: str = "", warnings: list[str] | None = None) -> Volume:
+def read_isq(path: str | os.PathLike, *, label: str = "", warnings: list[str] | None = None, out=None) -> Volume:
     """Read a Scanco ISQ file: int16 voxels, x fastest, after ``(data_offset + 1) * 512`` header
     bytes; spacing = dimension in um / dimension in pixels. Values become HU
     (``1000 * (v / mu_scaling - mu_water) / mu_water``) when the calibration gives mu_water, else
     stay in Scanco native units (``mu * mu_scaling``) with a warning. ISQ files carry no patient
     orientation: identity direction and origin 0 are used (registration sets the pose).
+    ``out`` as in :func:`import_scan`: where the voxels go (default: a new array in memory).
     """
     path = Path(path)
     warnings = warnings if warnings is not None else []
@@ -988,12 +1012,12 @@ def read_isq(path: str | os.PathLike, *, label: str = "", warnings: list[str] | 
             f"no usable calibration (mu_scaling {mu_scaling}, mu_water {'absent' if mu_water is None else mu_water}): values left in Scanco native units, not HU"
         )
     raw = np.memmap(path, dtype="<i2", mode="r", offset=h["header_bytes"], shape=(nz, ny, nx))
-    out = np.empty((nz, ny, nx), np.float32)
+    dest = np.empty((nz, ny, nx), np.float32) if out is None else out((nz, ny, nx), spacing, (0.0, 0.0, 0.0), np.eye(3))
     chunk = max(1, (64 << 20) // max(1, 2 * nx * ny))  # ~64 MB of int16 at a time: memory stays ~ the float32 result
     for z0 in range(0, nz, chunk):
-        out[z0 : z0 + chunk] = raw[z0 : z0 + chunk].astype(np.float32) * np.float32(scale) + np.float32(offset)
+        dest[z0 : z0 + chunk] = read_slab(raw, z0, z0 + chunk).astype(np.float32) * np.float32(scale) + np.float32(offset)
     del raw
-    vol = Volume(out, spacing, (0.0, 0.0, 0.0))
+    vol = Volume(dest if isinstance(dest, np.ndarray) else dest.array, spacing, (0.0, 0.0, 0.0))
     if h["nr_of_bytes"] > 0 and h["nr_of_bytes"] != 2 * nx * ny * nz:
         warnings.append(
             f"the header's byte count {h['nr_of_bytes']} differs from 2 x {nx} x {ny} x {nz} voxels; the dimensions are used"

@@ -129,12 +129,12 @@ def _require_nnunetv2():
         import nnunetv2
         import nnunetv2.paths as paths
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the nnU-Net mask backend needs nnunetv2 and torch: pip install -e '.[nnunet]'") from e
+        raise ImportError("the nnU-Net mask backend needs nnunetv2 and torch (femursr's dependencies): pip install -e .") from e
     if not hasattr(paths.nnUNet_raw, "is_set"):
         version = getattr(nnunetv2, "__version__", "?")
         raise ImportError(
             f"nnunetv2 {version} reads nnUNet_raw/nnUNet_preprocessed/nnUNet_results once at import; "
-            "femursr sets them per call and needs nnunetv2 2.8.1 (pip install -e '.[nnunet]')"
+            "femursr sets them per call and needs nnunetv2 2.8.1 (pip install -e .)"
         )
     return nnunetv2
 
@@ -260,6 +260,87 @@ def _check_case(case_id, image: Volume, mask: Volume, seen: list) -> None:
         raise ValueError(f"case {case_id}: the mask must be binary (0/1), found values {vals[:8].tolist()}")
     if not (m > 0).any():
         raise ValueError(f"case {case_id}: the femur mask is empty")
+
+
+_CASE_COLUMNS = ("image", "mask", "case")
+
+
+def read_training_cases(spec, *, where: str = "training_cases") -> list[dict]:
+    """The labelled CTs of a config entry: ``[{"case", "image", "mask"}, ...]``, checked.
+
+    ``spec``: the path of a TSV with columns ``image``, ``mask`` and optionally ``case``, or a list
+    of ``{"image", "mask"[, "case"]}``. Missing case ids become ``T001``, ``T002``, ... (by
+    position). Paths are taken as given (relative ones to the working directory) and must exist.
+    Raises ``ValueError`` naming ``where``, the row and the file, with the fix.
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        import pandas as pd
+
+        tsv = Path(spec)
+        where = f"{where} ({tsv})"
+        if not tsv.is_file():
+            raise ValueError(f"{where}: file not found; give a TSV with columns image, mask [, case] (paths relative to the directory snakemake runs in)")
+        table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=False)
+        unknown = [c for c in table.columns if c not in _CASE_COLUMNS]
+        missing = [c for c in ("image", "mask") if c not in table.columns]
+        if unknown or missing:
+            raise ValueError(
+                f"{where}: columns must be image, mask and optionally case"
+                + (f"; missing {', '.join(missing)}" if missing else "")
+                + (f"; unknown {', '.join(map(repr, unknown))}" if unknown else "")
+            )
+        rows = table.to_dict("records")
+    else:
+        rows = [dict(r) for r in spec]
+    cases, seen = [], set()
+    for n, row in enumerate(rows, 1):
+        case = str(row.get("case") or f"T{n:03d}")
+        who = f"{where}, case {case} (row {n})"
+        if not _CASE_ID.match(case):
+            raise ValueError(f"{who}: case ids are letters, digits and '-' (no '_', nnU-Net's channel separator)")
+        if case in seen:
+            raise ValueError(f"{who}: case id given twice")
+        seen.add(case)
+        for key in ("image", "mask"):
+            if not str(row.get(key) or "").strip():
+                raise ValueError(f"{who}: no {key} path")
+            if not Path(row[key]).exists():
+                raise ValueError(f"{who}: {key} {row[key]} not found (paths are relative to the directory snakemake runs in)")
+        cases.append({"case": case, "image": str(row["image"]), "mask": str(row["mask"])})
+    if len(cases) < 2:
+        raise ValueError(f"{where}: nnU-Net needs at least 2 labelled cases, got {len(cases)}")
+    return cases
+
+
+def read_labelled_case(case: str, image_path, mask_path) -> tuple[str, Volume, Volume]:
+    """(case, CT in HU, binary femur mask) read from files, for :func:`assemble_dataset`.
+
+    The image is anything :func:`femursr.imaging.import_scan` reads (DICOM folder, NIfTI, MHA,
+    NRRD); the mask a 3D image file with values 0 and 1 on the image's grid. Errors name the
+    case, the file and the fix.
+    """
+    from .imaging import import_scan
+
+    image = import_scan(image_path, label=f"nnU-Net training case {case} image")
+    try:
+        mask = Volume.from_sitk(sitk.ReadImage(str(mask_path)))
+    except RuntimeError as e:
+        raise ValueError(f"nnU-Net training case {case}: cannot read the mask {mask_path} ({str(e).strip().splitlines()[-1]})") from None
+    vals = np.unique(np.asarray(mask.array))
+    if not np.isin(vals, (0, 1)).all():
+        raise ValueError(
+            f"nnU-Net training case {case}: the mask {mask_path} has values {vals[:8].tolist()}; give a binary femur "
+            "mask (1 femur, 0 elsewhere), e.g. one label of a multi-label segmentation written as (labels == k)"
+        )
+    if not image.same_grid(mask):
+        raise ValueError(
+            f"nnU-Net training case {case}: the mask {mask_path} ({mask.shape} voxels at {mask.spacing} mm, origin "
+            f"{mask.origin}) is not on the grid of the image {image_path} ({image.shape} at {image.spacing} mm, origin "
+            f"{image.origin}); resample the mask onto the image (nearest neighbour)"
+        )
+    if not vals.max(initial=0):
+        raise ValueError(f"nnU-Net training case {case}: the mask {mask_path} is empty (no femur voxel)")
+    return case, image, mask.with_array(np.asarray(mask.array).astype(np.uint8))
 
 
 # ------------------------------------------------------------------------------ 2. plan
@@ -515,6 +596,7 @@ def load_model(
     )  # fmt: skip
     predictor.manual_initialization(network, plans_manager, config, params, dataset_json, trainer_name, mirror_axes)
     predictor.femursr_model_folder = str(model_folder)
+    predictor.femursr_model = {"model_folder": str(model_folder), "trainer": trainer_name, "configuration": config_name, "folds": list(folds)}
     return predictor
 
 

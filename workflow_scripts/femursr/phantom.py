@@ -33,7 +33,7 @@ from .dicomio import write_ct_series
 from .geometry import REGION_IDS, REGION_NAMES, Body, FemurShape, Pelvis, rotation_angle_deg, rotation_matrix
 from .morphometry import morphometry
 from .trabecular import RegionStructure, TrabecularNetwork, blended_structure
-from .volume import Volume, write_volume
+from .volume import Volume, slab_ranges, slab_thickness, write_volume
 
 log = logging.getLogger(__name__)
 
@@ -160,49 +160,79 @@ def _grid_points(origin, spacing, shape_zyx, z0, z1, direction=None):
     return (ijk + np.asarray(origin, float)).astype(np.float32)
 
 
-def render_hr(subj: Subject, cfg: dict, rng: np.random.Generator):
-    """HR-pQCT-like scan of the specimen. Returns (image HU, tissue map, region map) as Volumes."""
+def hr_grid(subj: Subject, cfg: dict):
+    """The HR-pQCT grid of the specimen: (shape (z, y, x), spacing (x, y, z) mm, origin LPS mm)."""
     hr = cfg["hr"]
     vox = float(hr["voxel_mm"])
     lo, hi = subj.shape.bounding_box(subj.z_cut)
     lo = lo - hr["margin_mm"]
     hi = hi + hr["margin_mm"]
     n_xyz = np.ceil((hi - lo) / vox).astype(int) + 1
-    shp = (int(n_xyz[2]), int(n_xyz[1]), int(n_xyz[0]))
-    spacing = (vox, vox, vox)
+    return (int(n_xyz[2]), int(n_xyz[1]), int(n_xyz[0])), (vox, vox, vox), tuple(float(v) for v in lo)
+
+
+def render_hr(subj: Subject, cfg: dict, rng: np.random.Generator, *, image_out=None, slab_voxels: int | None = None):
+    """HR-pQCT-like scan of the specimen. Returns (image HU, tissue map, region map) as Volumes.
+
+    Rendered in slabs along z of about ``slab_voxels`` voxels (default
+    :data:`femursr.volume.SLAB_VOXELS`): the tissue classes point by point, then the image with a
+    halo of slices for the blur and the noise drawn slab after slab from ``rng``; the result is
+    the same as rendering the whole grid at once. ``image_out`` takes the image slab by slab: None
+    (a new array in memory) or an array-like with slab assignment on the grid of :func:`hr_grid`,
+    such as a :class:`~femursr.volume.VolumeWriter` (the returned image is then its ``array``), so
+    that a paper-scale image (5.6 GB of float32) need not be held in memory. The tissue and region
+    maps (uint8) are held in memory.
+    """
+    hr = cfg["hr"]
+    shp, spacing, origin = hr_grid(subj, cfg)
+    vox = spacing[0]
+    lo = np.asarray(origin)
+    thick = slab_thickness(shp, slab_voxels)
     # coarse pass (every 4th voxel) to skip the points far outside the femur
     step = 4
     cshape = tuple(-(-n // step) for n in shp)
-    coarse = subj.shape.sdf(_grid_points(lo, np.array(spacing) * step, cshape, 0, cshape[0])).reshape(cshape)
-    near = coarse < 1.0 + step * vox * np.sqrt(3)
+    c_spacing = np.array(spacing) * step
     # nearest coarse sample of every fine voxel
     sel = [np.minimum((np.arange(n) + step // 2) // step, c - 1) for n, c in zip(shp, cshape)]
-    cand = near[np.ix_(*sel)]
-    idx = np.flatnonzero(cand)
-    tissue = np.zeros(int(np.prod(shp)), np.uint8)
-    regions = np.zeros(int(np.prod(shp)), np.uint8)
-    for c0 in range(0, idx.size, 1_000_000):
-        ci = idx[c0 : c0 + 1_000_000]
-        kji = np.unravel_index(ci, shp)
-        q = np.stack([lo[a] + kji[2 - a] * vox for a in range(3)], axis=1).astype(np.float32)
-        t, _ = femur_tissue(subj, q, z_cut=subj.z_cut)
-        inside = np.flatnonzero(t > 0)
-        if inside.size:
-            reg = np.zeros(ci.size, np.uint8)
-            for name, m in subj.shape.region_masks(q[inside]).items():
-                reg[inside[m]] = REGION_IDS[name]
-            regions[ci] = reg
-        tissue[ci] = t
-    tissue = tissue.reshape(shp)
-    regions = regions.reshape(shp)
-    bone = (tissue == 2) | (tissue == 3)
-    img = np.full(shp, hr["medium_hu"], np.float32)
-    img[tissue == 1] = hr["marrow_hu"]
-    img[bone] = hr["bone_hu"]
-    img = gaussian_filter(img, hr["psf_fwhm_mm"] * FWHM_TO_SIGMA / vox)
-    img += np.float32(hr["noise_hu"]) * rng.standard_normal(size=shp, dtype=np.float32)
-    origin = tuple(float(v) for v in lo)
-    return Volume(img, spacing, origin), Volume(tissue, spacing, origin), Volume(regions, spacing, origin)
+    tissue = np.zeros(shp, np.uint8)
+    regions = np.zeros(shp, np.uint8)
+    for z0, z1 in slab_ranges(shp[0], thick):
+        c0, c1 = int(sel[0][z0]), int(sel[0][z1 - 1]) + 1
+        coarse = subj.shape.sdf(_grid_points(lo, c_spacing, cshape, c0, c1)).reshape((c1 - c0,) + cshape[1:])
+        near = coarse < 1.0 + step * vox * np.sqrt(3)
+        cand = near[np.ix_(sel[0][z0:z1] - c0, sel[1], sel[2])]
+        idx = np.flatnonzero(cand)
+        del coarse, near, cand
+        t_slab = tissue[z0:z1].reshape(-1)  # views: written in place
+        r_slab = regions[z0:z1].reshape(-1)
+        for k0 in range(0, idx.size, 1_000_000):
+            ci = idx[k0 : k0 + 1_000_000]
+            kji = np.unravel_index(ci, (z1 - z0,) + shp[1:])
+            kji = (kji[0] + z0, kji[1], kji[2])
+            q = np.stack([lo[a] + kji[2 - a] * vox for a in range(3)], axis=1).astype(np.float32)
+            t, _ = femur_tissue(subj, q, z_cut=subj.z_cut)
+            inside = np.flatnonzero(t > 0)
+            if inside.size:
+                reg = np.zeros(ci.size, np.uint8)
+                for name, m in subj.shape.region_masks(q[inside]).items():
+                    reg[inside[m]] = REGION_IDS[name]
+                r_slab[ci] = reg
+            t_slab[ci] = t
+    # image: tissue values, blur (a halo of `radius` slices makes each slab's blur exact), noise
+    sigma = hr["psf_fwhm_mm"] * FWHM_TO_SIGMA / vox
+    radius = int(4.0 * sigma + 0.5)  # gaussian_filter's reach at its default truncate=4
+    img_out = np.empty(shp, np.float32) if image_out is None else image_out
+    for z0, z1 in slab_ranges(shp[0], thick):
+        a0, a1 = max(0, z0 - radius), min(shp[0], z1 + radius)
+        t = tissue[a0:a1]
+        img = np.full(t.shape, hr["medium_hu"], np.float32)
+        img[t == 1] = hr["marrow_hu"]
+        img[(t == 2) | (t == 3)] = hr["bone_hu"]
+        img = gaussian_filter(img, sigma)[z0 - a0 : z1 - a0]
+        img += np.float32(hr["noise_hu"]) * rng.standard_normal(size=img.shape, dtype=np.float32)
+        img_out[z0:z1] = img
+    image = img_out if isinstance(img_out, np.ndarray) else img_out.array
+    return Volume(image, spacing, origin), Volume(tissue, spacing, origin), Volume(regions, spacing, origin)
 
 
 def _lr_density(subj: Subject, cfg_lr: dict, p: np.ndarray):
@@ -305,6 +335,24 @@ def pose_transform(subj: Subject) -> sitk.Euler3DTransform:
     return tfm
 
 
+def write_scans(subject_id: str, cfg: dict, seed: int, lr_img: Volume, hr_img: Volume, lr_dir, hr_dir) -> None:
+    """Write the clinical CT and the HR-pQCT of a subject as CT DICOM series (deterministic UIDs
+    from ``seed`` and ``subject_id``). The HR image may be memory-mapped: it is written slice by
+    slice."""
+    write_ct_series(
+        lr_img.array, lr_img.spacing, lr_img.origin, np.eye(3), lr_dir,
+        patient_id=subject_id, series_description="synthetic clinical CT, hip",
+        uid_key=f"{seed}/{subject_id}/lr", series_number=2,
+        slice_thickness=cfg["lr"]["psf_fwhm_mm"][2], kvp=120, model_name="clinical CT phantom",
+    )  # fmt: skip
+    write_ct_series(
+        hr_img.array, hr_img.spacing, hr_img.origin, np.eye(3), hr_dir,
+        patient_id=subject_id, series_description="synthetic HR-pQCT, left proximal femur ex situ",
+        uid_key=f"{seed}/{subject_id}/hr", series_number=3, kvp=59.4, model_name="HR-pQCT phantom",
+        study_date="20260102",
+    )  # fmt: skip
+
+
 def synthesize_subject(
     subject_id: str, index: int, cfg: dict, seed: int, lr_dir, hr_dir, truth_dir
 ) -> dict:
@@ -356,18 +404,7 @@ def synthesize_subject(
             "lr_noise": lr_info,
         }
         (tmp / "subject.json").write_text(json.dumps(record, indent=2))
-        write_ct_series(
-            lr_img.array, lr_img.spacing, lr_img.origin, np.eye(3), tmp / "lr_dicom",
-            patient_id=subject_id, series_description="synthetic clinical CT, hip",
-            uid_key=f"{seed}/{subject_id}/lr", series_number=2,
-            slice_thickness=cfg["lr"]["psf_fwhm_mm"][2], kvp=120, model_name="clinical CT phantom",
-        )  # fmt: skip
-        write_ct_series(
-            hr_img.array, hr_img.spacing, hr_img.origin, np.eye(3), tmp / "hr_dicom",
-            patient_id=subject_id, series_description="synthetic HR-pQCT, left proximal femur ex situ",
-            uid_key=f"{seed}/{subject_id}/hr", series_number=3, kvp=59.4, model_name="HR-pQCT phantom",
-            study_date="20260102",
-        )  # fmt: skip
+        write_scans(subject_id, cfg, seed, lr_img, hr_img, tmp / "lr_dicom", tmp / "hr_dicom")
         # everything is complete: move the series, then (on leaving the block) the truth, into place
         replace_dir(tmp / "lr_dicom", lr_dir)
         replace_dir(tmp / "hr_dicom", hr_dir)

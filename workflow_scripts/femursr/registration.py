@@ -46,7 +46,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from .atomic import atomic_file
-from .volume import Volume
+from .volume import Volume, read_slab, slab_ranges, slab_thickness, take_plane
 
 log = logging.getLogger(__name__)
 
@@ -277,10 +277,36 @@ class _Fixed:
     axes: np.ndarray  # principal axes (columns), LPS
 
 
+def _work_image(hr: Volume, spacing_mm: float, slab_voxels: int | None = None) -> sitk.Image:
+    """The HR box-averaged by whole voxels (``sitk.BinShrink``) to about ``spacing_mm``, float32.
+
+    An HR larger than a slab (``slab_voxels``, default :data:`femursr.volume.SLAB_VOXELS`) is
+    shrunk slab by slab along z, each slab a whole number of bins thick, so that it is never whole
+    in memory; every bin lies in one slab, so the result is that of one BinShrink of the whole.
+    """
+    k = [max(1, int(round(spacing_mm / s))) for s in hr.spacing]
+    if max(k) == 1:
+        return _image(hr)
+    thick = slab_thickness(hr.shape, slab_voxels, multiple=k[2])
+    if thick >= hr.shape[0]:
+        return sitk.BinShrink(_image(hr), k)
+    z_end = hr.shape[0] // k[2] * k[2]  # BinShrink drops the slices of an incomplete last bin
+    parts, first = [], None
+    for z0, z1 in slab_ranges(z_end, thick):
+        slab = Volume(read_slab(hr.array, z0, z1), hr.spacing, hr.index_to_physical([0, 0, z0]), hr.direction)
+        shrunk = sitk.BinShrink(_image(slab), k)
+        if first is None:
+            first = shrunk  # slab 0 starts at the HR's origin: its geometry is the result's
+        parts.append(sitk.GetArrayFromImage(shrunk))
+    work = sitk.GetImageFromArray(np.concatenate(parts, axis=0))
+    work.SetSpacing(first.GetSpacing())
+    work.SetOrigin(first.GetOrigin())
+    work.SetDirection(first.GetDirection())
+    return work
+
+
 def _prepare_fixed(hr: Volume, p: RigidParams, label: str) -> _Fixed:
-    img = _image(hr)
-    k = [max(1, int(round(p.work_spacing_mm / s))) for s in img.GetSpacing()]
-    work = sitk.BinShrink(img, k) if max(k) > 1 else img
+    work = _work_image(hr, p.work_spacing_mm)
     a = sitk.GetArrayViewFromImage(work)
     sp = _spacing_zyx(work)
     bone = a > p.hr_bone_hu
@@ -694,27 +720,109 @@ def check_registration(
 INTERPOLATORS = {"bspline": sitk.sitkBSpline, "linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
 
 
-def resample_onto(lr: Volume, hr: Volume, transform, *, interpolator: str = "bspline", default_hu: float = -1000.0) -> Volume:
+# LR voxels kept around the part of the LR that a slab of the HR grid samples. The cubic
+# B-spline's prefilter runs along whole lines, but the influence of a voxel decays by 0.268 per
+# voxel (0.268^26 < 1e-14), and interpolation reaches 2 voxels: so cropping 28 voxels beyond the
+# points leaves the interpolated values as on the whole LR.
+_CROP_MARGIN_VOX = {"bspline": 28, "linear": 2, "nearest": 2}
+_LINEAR_TRANSFORMS = (sitk.Euler3DTransform, sitk.VersorRigid3DTransform, sitk.AffineTransform, sitk.Similarity3DTransform,
+                      sitk.TranslationTransform)  # fmt: skip
+
+
+def _resample_grid(moving: sitk.Image, hr: Volume, start_xyz, size_xyz, transform, interpolator: str, default_hu: float) -> np.ndarray:
+    """``moving`` resampled onto the block of the HR grid that starts at index ``start_xyz``
+    (x, y, z) and has ``size_xyz`` voxels; (z, y, x) float32."""
+    f = sitk.ResampleImageFilter()
+    f.SetSize([int(v) for v in size_xyz])
+    f.SetOutputSpacing(hr.spacing)
+    f.SetOutputOrigin(hr.origin if not any(start_xyz) else [float(v) for v in hr.index_to_physical(start_xyz)])
+    f.SetOutputDirection(hr.direction)
+    f.SetTransform(transform)
+    f.SetInterpolator(INTERPOLATORS[interpolator])
+    f.SetDefaultPixelValue(float(default_hu))
+    f.SetOutputPixelType(sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(f.Execute(moving))
+
+
+def _lr_part(moving: sitk.Image, lr: Volume, hr: Volume, start_xyz, size_xyz, transform, interpolator: str):
+    """The part of ``moving`` that the HR block (``start_xyz``, ``size_xyz``) samples, with
+    :data:`_CROP_MARGIN_VOX` around it; None when the block lies wholly outside the LR; the whole
+    LR when the transform is not linear (its image of the block is not bounded by the corners')."""
+    t = transform.Downcast() if type(transform) is sitk.Transform else transform
+    if not isinstance(t, _LINEAR_TRANSFORMS):
+        return moving
+    start, size = np.asarray(start_xyz), np.asarray(size_xyz)
+    corners = np.array([start + (size - 1) * np.array(bits) for bits in np.ndindex(2, 2, 2)], float)
+    ijk = lr.physical_to_index(transform_points(t, hr.index_to_physical(corners)))
+    margin = _CROP_MARGIN_VOX[interpolator]
+    n = np.asarray(lr.shape[::-1])
+    lo = np.maximum(np.floor(ijk.min(0)).astype(int) - margin, 0)
+    hi = np.minimum(np.ceil(ijk.max(0)).astype(int) + margin, n - 1)
+    if (hi < lo).any():
+        return None
+    if (lo == 0).all() and (hi == n - 1).all():
+        return moving
+    return sitk.RegionOfInterest(moving, [int(v) for v in hi - lo + 1], [int(v) for v in lo])
+
+
+def resample_onto(
+    lr: Volume, hr: Volume, transform, *, interpolator: str = "bspline", default_hu: float = -1000.0, out=None, slab_voxels: int | None = None
+) -> Volume:
     """The LR on the HR grid itself (same shape, spacing, origin, direction), float32 HU.
 
     ``transform`` maps HR points to LR points, as :func:`register_rigid` returns it. Interpolation
     is a cubic B-spline (``"bspline"``, SimpleITK's ``sitkBSpline``), ``"linear"`` or ``"nearest"``;
     HR voxels whose point falls outside the LR field of view get ``default_hu``. Only the HR's
     geometry is used: the HR itself is not resampled.
+
+    An HR grid larger than a slab (``slab_voxels``, default :data:`femursr.volume.SLAB_VOXELS`) is
+    filled slab by slab along z, each slab from the part of the LR its points fall in (with a
+    margin that leaves the interpolated values as on the whole LR, to float rounding), so memory
+    holds the output and one slab. ``out`` takes the result slab by slab: None (a new array in
+    memory) or an array-like with slab assignment on the HR grid, such as a
+    :class:`~femursr.volume.VolumeWriter` (the returned Volume then holds its ``array``), so that
+    a paper-scale result (5.6 GB of float32) is never whole in memory.
     """
     if interpolator not in INTERPOLATORS:
         raise ValueError(f"interpolator {interpolator!r}: choose one of {', '.join(INTERPOLATORS)}")
-    f = sitk.ResampleImageFilter()
-    f.SetSize([int(v) for v in hr.shape[::-1]])
-    f.SetOutputSpacing(hr.spacing)
-    f.SetOutputOrigin(hr.origin)
-    f.SetOutputDirection(hr.direction)
-    f.SetTransform(transform)
-    f.SetInterpolator(INTERPOLATORS[interpolator])
-    f.SetDefaultPixelValue(float(default_hu))
-    f.SetOutputPixelType(sitk.sitkFloat32)
-    out = sitk.GetArrayFromImage(f.Execute(_image(lr)))
-    return Volume(out, hr.spacing, hr.origin, hr.direction, {"resampled_from": "LR", "interpolator": interpolator})
+    moving = _image(lr)
+    nz, ny, nx = hr.shape
+    meta = {"resampled_from": "LR", "interpolator": interpolator}
+    thick = slab_thickness(hr.shape, slab_voxels)
+    if thick >= nz and out is None:
+        array = _resample_grid(moving, hr, (0, 0, 0), (nx, ny, nz), transform, interpolator, default_hu)
+        return Volume(array, hr.spacing, hr.origin, hr.direction, meta)
+    dest = np.empty(hr.shape, np.float32) if out is None else out
+    for z0, z1 in slab_ranges(nz, thick):
+        start, size = (0, 0, z0), (nx, ny, z1 - z0)
+        part = _lr_part(moving, lr, hr, start, size, transform, interpolator) if thick < nz else moving
+        if part is None:
+            dest[z0:z1] = np.full((z1 - z0, ny, nx), default_hu, np.float32)
+        else:
+            dest[z0:z1] = _resample_grid(part, hr, start, size, transform, interpolator, default_hu)
+    return Volume(dest if isinstance(dest, np.ndarray) else dest.array, hr.spacing, hr.origin, hr.direction, meta)
+
+
+def in_fixed_frame(moving: Volume, transform) -> Volume:
+    """``moving`` (the LR) with its voxels untouched and its geometry expressed in the fixed (HR) frame.
+
+    ``transform`` maps fixed points to moving points, p_LR = A p_HR + b (as :func:`register_rigid`
+    returns it), and must be rigid. A voxel at p_LR = o + D S i sits at p_HR = Aᵀ(p_LR - b), so the
+    same array with origin Aᵀ(o - b) and direction AᵀD lies where the registration puts it: no
+    interpolation, and resampling it onto the HR grid with the identity gives what
+    :func:`resample_onto` gives.
+    """
+    t = transform.Downcast() if type(transform) is sitk.Transform else transform
+    if not isinstance(t, (sitk.Euler3DTransform, sitk.VersorRigid3DTransform, sitk.AffineTransform, sitk.Similarity3DTransform)):
+        raise ValueError(f"expected a rigid 3D transform, got {t.GetName()}")
+    a = np.reshape(t.GetMatrix(), (3, 3))
+    if not (np.allclose(a.T @ a, np.eye(3), atol=1e-6) and np.linalg.det(a) > 0):
+        raise ValueError(f"{t.GetName()} is not a rotation (scaling, shear or reflection): its geometry cannot be folded into the moving volume's")
+    c = np.asarray(t.GetCenter(), float)
+    b = c + np.asarray(t.GetTranslation(), float) - a @ c
+    origin = a.T @ (np.asarray(moving.origin, float) - b)
+    direction = a.T @ moving.direction_matrix
+    return Volume(moving.array, moving.spacing, tuple(origin), tuple(direction.ravel()), dict(moving.meta))
 
 
 def transform_points(t, points_mm) -> np.ndarray:
@@ -751,9 +859,14 @@ def _mask_on_slice(mask: Volume, hr: Volume, axis: int, index: int) -> np.ndarra
     return out
 
 
-def qc_figure(result: RegistrationResult, hr: Volume, lr_resampled: Volume, path, title: str = "") -> None:
+def qc_figure(result: RegistrationResult, hr: Volume, lr_resampled: Volume | None, path, title: str = "", *, lr: Volume | None = None) -> None:
     """PNG of three orthogonal slices through the HR femur's centroid: the resampled LR (top) and
-    the HR (bottom), each with the HR femur's contour. Written atomically."""
+    the HR (bottom), each with the HR femur's contour. Written atomically.
+
+    ``lr_resampled`` is the LR on the HR grid (:func:`resample_onto`); or None, with ``lr`` the LR
+    itself: then only the three slices shown are resampled (linear, ``result.transform``), which
+    spares resampling a whole paper-scale grid (5.6 GB) for a figure.
+    """
     from matplotlib.figure import Figure
 
     femur = result.hr_femur
@@ -764,11 +877,20 @@ def qc_figure(result: RegistrationResult, hr: Volume, lr_resampled: Volume, path
     planes = (("axial", 0, int(k[2])), ("coronal", 1, int(k[1])), ("sagittal", 2, int(k[0])))
     fig = Figure(figsize=(13, 8.4), constrained_layout=True)
     axes = fig.subplots(2, 3)
+    moving = _image(lr) if lr_resampled is None else None
     for col, (name, axis, idx) in enumerate(planes):
         contour = _mask_on_slice(femur, hr, axis, idx)
-        for row, (vol, what, vmax) in enumerate(((lr_resampled, "LR on the HR grid", 1500), (hr, "HR", 1800))):
+        if moving is None:
+            lr_plane = take_plane(lr_resampled.array, axis, idx)
+        else:
+            start = [0, 0, 0]
+            start[2 - axis] = idx
+            size = list(hr.shape[::-1])
+            size[2 - axis] = 1
+            lr_plane = np.take(_resample_grid(moving, hr, start, size, result.transform, "linear", -1000.0), 0, axis=axis)
+        hr_plane = take_plane(hr.array, axis, idx)
+        for row, (a, what, vmax) in enumerate(((lr_plane, "LR on the HR grid", 1500), (hr_plane, "HR", 1800))):
             ax = axes[row, col]
-            a = np.take(vol.array, idx, axis=axis)
             origin = "upper" if axis == 0 else "lower"  # superior up in coronal and sagittal views
             ax.imshow(a, cmap="gray", vmin=-300, vmax=vmax, origin=origin, interpolation="nearest")
             if contour.any():
@@ -798,14 +920,21 @@ def _jsonable(v):
     return v
 
 
-def write_registration_outputs(result: RegistrationResult, tfm_path, qc_json_path, qc_png_path, hr: Volume, lr_resampled: Volume) -> None:
+def write_registration_outputs(
+    result: RegistrationResult, tfm_path, qc_json_path, qc_png_path, hr: Volume, lr_resampled: Volume | None = None, *, lr: Volume | None = None
+) -> None:
     """Write the transform (``.tfm``, HR -> LR, readable by SimpleITK and 3D Slicer), the QC record
     (JSON) and the QC figure (PNG). All three are built under temporary names and renamed only when
-    all are complete, so a failure leaves none of them."""
-    if not lr_resampled.same_grid(hr):
+    all are complete, so a failure leaves none of them. The figure shows ``lr_resampled`` (the LR on
+    the HR grid) or, given ``lr`` instead, the LR resampled on the figure's three slices only (see
+    :func:`qc_figure`)."""
+    if lr_resampled is None:
+        if lr is None:
+            raise ValueError("give lr_resampled (the LR on the HR grid) or lr (the LR itself) for the QC figure")
+    elif not lr_resampled.same_grid(hr):
         raise ValueError("lr_resampled is not on the HR grid (use resample_onto)")
     result.qc["files"] = {"transform": str(tfm_path), "qc_json": str(qc_json_path), "qc_png": str(qc_png_path)}
     with atomic_file(tfm_path) as t_tfm, atomic_file(qc_json_path) as t_json, atomic_file(qc_png_path) as t_png:
         sitk.WriteTransform(result.transform, str(t_tfm))
         t_json.write_text(json.dumps(_jsonable(result.qc), indent=2))
-        qc_figure(result, hr, lr_resampled, t_png)
+        qc_figure(result, hr, lr_resampled, t_png, lr=lr)

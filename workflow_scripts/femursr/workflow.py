@@ -33,6 +33,16 @@ def script_logging(log_path: str | None):
         raise
 
 
+@contextlib.contextmanager
+def stdout_to_log(log_path: str | None):
+    """Append what the block prints (nnU-Net reports by ``print``) to the rule's log file."""
+    if not log_path:
+        yield
+        return
+    with open(log_path, "a", buffering=1) as fh, contextlib.redirect_stdout(fh):
+        yield
+
+
 class _Named(list):
     """A list whose items are also attributes, like snakemake's input/output/params."""
 

@@ -98,6 +98,11 @@ class SRModel(torch.nn.Module):
     #: registry name, e.g. ``srgan``
     name: str = ""
 
+    #: the top-level submodules (and buffers) that :meth:`predict` uses, e.g.
+    #: ``("generator", "generator_ema")``: only their weights go into the file that inference
+    #: reads (``femursr.sr.infer.save_generator``). ``None``: the whole ``state_dict``.
+    inference_modules: tuple[str, ...] | None = None
+
     def __init__(self, in_channels: int):
         super().__init__()
         self.in_channels = int(in_channels)

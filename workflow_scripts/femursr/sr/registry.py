@@ -13,8 +13,10 @@ model is built, so that listing names costs nothing.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from .base import SRModel
+if TYPE_CHECKING:  # torch is imported only when a model is built: the workflow reads MODELS at parse time
+    from .base import SRModel
 
 #: name -> "module:Class" (module relative to femursr.sr)
 MODELS: dict[str, str] = {

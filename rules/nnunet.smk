@@ -1,0 +1,74 @@
+# The nnunet femur-mask backend (paper section 2.1; config preprocessing.mask.nnunet): an nnU-Net
+# v2 raw dataset from labelled CTs at 1 mm, plan and preprocess, train one fold. femur_mask
+# (rules/preprocess.smk) then predicts with the model. Nothing here runs when the backend is
+# threshold, or when a model trained elsewhere is given (nnunet.model_folder).
+
+
+rule nnunet_dataset:
+    input:
+        unpack(nnunet_dataset_input),
+    output:
+        dataset=directory(f"{NNUNET_ROOT}/nnUNet_raw/{NNUNET_DATASET}"),
+    log:
+        "logs/nnunet/dataset.log",
+    benchmark:
+        "benchmarks/results/nnunet_dataset.tsv"
+    conda:
+        "../envs/femursr.yaml"
+    threads: 1
+    resources:
+        mem_mb=largest_input_mem_mb,
+        runtime=60,
+    params:
+        cases=nnunet_case_ids(),
+        # synthetic subjects: the truth folder holds the LR-grid femur mask under this name
+        mask_in_folder="" if NNUNET_CASES else "femur_mask_lr.nii.gz",
+        dataset_id=NNUNET["dataset_id"],
+        spacing_mm=NNUNET["spacing_mm"],
+    script:
+        "../workflow_scripts/nnunet_dataset.py"
+
+
+rule nnunet_plan:
+    input:
+        dataset=rules.nnunet_dataset.output.dataset,
+    output:
+        preprocessed=directory(f"{NNUNET_ROOT}/nnUNet_preprocessed/{NNUNET_DATASET}"),
+    log:
+        "logs/nnunet/plan.log",
+    benchmark:
+        "benchmarks/results/nnunet_plan.tsv"
+    conda:
+        "../envs/femursr.yaml"
+    threads: 4
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    params:
+        dataset_id=NNUNET["dataset_id"],
+        configuration=NNUNET["configuration"],
+    script:
+        "../workflow_scripts/nnunet_plan.py"
+
+
+rule nnunet_train:
+    input:
+        preprocessed=rules.nnunet_plan.output.preprocessed,
+    output:
+        checkpoint=f"{NNUNET_TRAINED}/{NNUNET_FOLD_DIR}/{femur_nnunet.CHECKPOINT}",
+    log:
+        "logs/nnunet/train.log",
+    benchmark:
+        "benchmarks/results/nnunet_train.tsv"
+    conda:
+        "../envs/femursr.yaml"
+    threads: 8
+    resources:
+        mem_mb=12000,
+        runtime=nnunet_train_runtime,
+        gpu=nnunet_gpu,
+    params:
+        dataset_id=NNUNET["dataset_id"],
+        options=NNUNET_TRAIN_OPTIONS,
+    script:
+        "../workflow_scripts/nnunet_train.py"

@@ -1,0 +1,91 @@
+# Super-resolution (paper sections 2.2 and 3.1): the split, training of every model in
+# training.models as 2D and 2.5D, and inference over the test volumes with the time per volume.
+# A training run keeps its checkpoint, live metrics and TensorBoard events in
+# results/models/{model}_{dims}/run/ (not declared as outputs, so that they survive a failed or
+# killed job): rerunning the job resumes from the checkpoint.
+
+
+rule split:
+    output:
+        table="results/split.tsv",
+    log:
+        "logs/sr/split.log",
+    conda:
+        "../envs/femursr.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        subjects=PAIRED,
+        fractions=config["split"],
+        seed=config["seed"],
+        fixed=SR_FIXED_SPLIT,
+    script:
+        "../workflow_scripts/split.py"
+
+
+rule train_sr:
+    input:
+        split=rules.split.output.table,
+        train_lr=sr_subject_files("train", "lr"),
+        train_hr=sr_subject_files("train", "hr"),
+        train_mask=sr_subject_files("train", "mask"),
+        validation_lr=sr_subject_files("validation", "lr"),
+        validation_hr=sr_subject_files("validation", "hr"),
+        validation_mask=sr_subject_files("validation", "mask"),
+        perceptual=sr_perceptual_weights,
+    output:
+        generator=f"{SR_RUN}/generator.pt",
+        record=f"{SR_RUN}/record.json",
+        metrics=report(
+            f"{SR_RUN}/metrics.csv",
+            caption="../report/sr_training.rst",
+            category="SR models",
+            labels={"model": "{model}", "dims": "{dims}"},
+        ),
+    log:
+        "logs/sr/train_{model}_{dims}.log",
+    benchmark:
+        "benchmarks/results/train_sr/{model}_{dims}.tsv"
+    conda:
+        "../envs/femursr.yaml"
+    threads: TRAINING["threads"]
+    resources:
+        mem_mb=sr_train_mem_mb,
+        runtime=TRAINING["runtime_min"],
+        gpu=sr_gpu,
+    params:
+        model=lookup(dpath="models/{model}", within=config),
+        training=SR_TRAIN_OPTIONS,
+        seed=config["seed"],
+        train=SR_TRAIN,
+        validation=SR_VALIDATION,
+    script:
+        "../workflow_scripts/train_sr.py"
+
+
+rule sr_infer:
+    input:
+        generator=rules.train_sr.output.generator,
+        lr=rules.normalize.output.lr,
+        hr=rules.normalize.output.hr,
+        mask=rules.femur_mask.output.mask,
+    output:
+        volume="results/sr/{model}_{dims}/{subject}.nii.gz",
+        timing="results/sr/{model}_{dims}/{subject}.json",
+    log:
+        "logs/sr/infer_{model}_{dims}_{subject}.log",
+    benchmark:
+        "benchmarks/results/sr_infer/{model}_{dims}_{subject}.tsv"
+    conda:
+        "../envs/femursr.yaml"
+    threads: TRAINING["threads"]
+    resources:
+        mem_mb=sr_infer_mem_mb,
+        runtime=120,
+        gpu=sr_gpu,
+    params:
+        options=SR_INFER_OPTIONS,
+    script:
+        "../workflow_scripts/sr_infer.py"

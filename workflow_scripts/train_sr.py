@@ -1,0 +1,47 @@
+"""Rule train_sr: train one SR model ({model}_{dims}) and write its weights for inference, its
+record and its metrics. Resumes from results/models/{model}_{dims}/run/checkpoint.pt if there."""
+
+from femursr.workflow import limit_threads, script_logging
+
+limit_threads(snakemake.threads)  # noqa: F821  (before numpy and torch are imported)
+
+from pathlib import Path
+
+import torch
+
+from femursr.sr.data import SubjectFiles
+from femursr.sr.train import train_sr
+
+
+def files(sm, name):
+    """A named input as a list (snakemake gives a single file as a string)."""
+    value = sm.input[name]
+    return [value] if isinstance(value, str) else list(value)
+
+
+with script_logging(snakemake.log[0]) as log:  # noqa: F821
+    sm = snakemake  # noqa: F821
+    torch.set_num_threads(sm.threads)
+    parts = {}
+    for part in ("train", "validation"):
+        ids = list(sm.params[part])
+        lr, hr, mask = (files(sm, f"{part}_{k}") for k in ("lr", "hr", "mask"))
+        parts[part] = [SubjectFiles(*row) for row in zip(ids, lr, hr, mask)]
+    training = dict(sm.params.training)
+    if training["perceptual_weights"] is None:
+        log.warning("training.perceptual_weights is null: the perceptual loss terms are off")
+    train_sr(
+        name=sm.wildcards.model,
+        dims=sm.wildcards.dims,
+        model_params=dict(sm.params.model),
+        training=training,
+        seed=sm.params.seed,
+        train=parts["train"],
+        validation=parts["validation"],
+        run_dir=Path(sm.output.generator).parent / "run",
+        generator=sm.output.generator,
+        record=sm.output.record,
+        metrics=sm.output.metrics,
+        perceptual_weights=training["perceptual_weights"],
+        handle_signals=True,
+    )
