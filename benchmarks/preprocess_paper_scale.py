@@ -29,7 +29,11 @@ The table is printed and written to ``benchmarks/results/preprocess_paper_scale.
         [--voxel-mm 0.082] [--subject 8] [--threads 1] [--reuse] [--keep]
 
 ``--scale``/``--voxel-mm`` shrink the problem for a quick run (``--scale 0.45 --voxel-mm 0.2``
-is the demo's size). The paper-scale run needs about 26 GB of disk in the work folder.
+gives the demo's HR size; the LR keeps the paper's field of view). ``--reuse`` skips the
+synthesis when the work folder holds a pair (and reports the synthesis figures of the run that
+made it). The paper-scale run needs about 26 GB of disk in the work folder and about 26 CPU
+minutes (14 of them the synthesis; the steps are single-threaded), so roughly half an hour of
+wall time on 2 otherwise idle cores; measured here beside other jobs (load 3 to 13) it took 65.
 """
 
 from __future__ import annotations
@@ -343,8 +347,10 @@ def main():
     print(f"subject {sid}: HR {' x '.join(map(str, pair['hr_shape_zyx']))} (z, y, x) = {pair['hr_voxels'] / 1e9:.2f} G voxels at "
           f"{pair['hr_spacing_mm'][0]} mm ({hr_gb:.1f} GB as float32); LR {' x '.join(map(str, pair['lr_shape_zyx']))}; "
           f"{a.threads} thread(s) per step")  # fmt: skip
-    print(f"registration: femur Dice {qc['femur_dice']:.3f}, structure NCC {qc['structure_ncc']:.3f}; "
-          f"TRE over the femur vs the true pose: mean {tre.mean():.3f} mm, max {tre.max():.3f} mm")
+    print(
+        f"registration: femur Dice {qc['femur_dice']:.3f}, structure NCC {qc['structure_ncc']:.3f}; "
+        f"TRE over the femur vs the true pose: mean {tre.mean():.3f} mm, max {tre.max():.3f} mm"
+    )
     head = (f"{'step':30s} {'time s':>7s} {'cpu s':>7s} {'load':>5s} {'peak RSS GB':>11s} {'/16 GB':>6s} {'heap GB':>7s}  "
             f"{'peer (same run)':55s} {'peer s':>7s} {'peer cpu':>8s} {'peer GB':>7s} {'time/peer':>9s} {'cpu/peer':>8s}")  # fmt: skip
     print(head)

@@ -250,7 +250,7 @@ class VolumeWriter:
         self._fd = fd
         self._written = np.zeros(self.shape[0], bool)
         self._array = None
-        self._done = False
+        self._state = "open"  # then "committed" or "aborted"
         try:
             self._offset = self._write_header(geom)
             os.ftruncate(fd, self._offset + int(np.prod(self.shape)) * self.dtype.itemsize)
@@ -296,24 +296,28 @@ class VolumeWriter:
             raise IndexError(f"{self.path}: a VolumeWriter takes a slice index or a range of slices, not {key!r}")
         if not 0 <= z0 < z1 <= nz:
             raise IndexError(f"{self.path}: slices {z0}:{z1} outside 0:{nz}")
+        if self._state != "open":
+            raise RuntimeError(f"{self.path}: the file is {self._state}, no more slices can be written")
         data = np.ascontiguousarray(np.broadcast_to(np.asarray(block), want), dtype=self.dtype)
-        if self._done:
-            raise RuntimeError(f"{self.path}: written already")
         self._pwrite(data, self._offset + z0 * ny * nx * self.dtype.itemsize)
         self._written[z0:z1] = True
 
     @property
     def array(self) -> np.ndarray:
         """The voxels as a read-only (z, y, x) memory map."""
+        if self._state == "aborted":
+            raise RuntimeError(f"{self.path}: aborted, nothing was kept")
         if self._array is None:
-            self._array = np.memmap(self._tmp if self._tmp.exists() else self.path, dtype=self.dtype, mode="r",
+            self._array = np.memmap(self._tmp if self._state == "open" else self.path, dtype=self.dtype, mode="r",
                                     offset=self._offset, shape=self.shape)  # fmt: skip
         return self._array
 
     def commit(self) -> Path:
         """Rename the finished file into place (every slice must have been written)."""
-        if self._done:
+        if self._state == "committed":
             return self.path
+        if self._state == "aborted":
+            raise RuntimeError(f"{self.path}: aborted, nothing to commit")
         missing = np.flatnonzero(~self._written)
         if missing.size:
             self.abort()
@@ -321,14 +325,14 @@ class VolumeWriter:
         os.close(self._fd)
         os.chmod(self._tmp, 0o666 & ~_umask())
         os.replace(self._tmp, self.path)
-        self._done = True
+        self._state = "committed"
         return self.path
 
     def abort(self) -> None:
         """Remove the temporary file; nothing appears at ``path``."""
-        if self._done:
+        if self._state != "open":
             return
-        self._done = True
+        self._state = "aborted"
         try:
             os.close(self._fd)
         except OSError:
