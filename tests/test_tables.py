@@ -58,6 +58,18 @@ def test_statistics_count_eight_of_twelve_on_a_constructed_case():
     assert (counts["tables"] == 12).all()
 
 
+def test_undefined_values_are_left_out_and_listed():
+    tidy = tidy_study()
+    sel = (tidy.metric == "tb_th_mm") & (tidy.region == "trochanter") & (tidy.method == "LR") & tidy.subject.isin(["S001", "S002"])
+    tidy.loc[sel, "value"] = np.nan  # e.g. no bone in the LR's trochanter ROI
+    long = table1(tidy)
+    row = long[(long.method == "LR") & (long.metric == "tb_th_mm") & (long.region == "trochanter")].iloc[0]
+    assert row["n"] == 18 and row["undefined"] == "S001,S002" and row["n_paired"] == 18
+    st = statistics_table(tidy)
+    srow = st[(st.metric == "tb_th_mm") & (st.region == "trochanter")].iloc[0]
+    assert srow["n"] == 18 and srow["excluded"] == "S001,S002"
+
+
 def test_missing_method_for_a_subject_is_named():
     tidy = tidy_study()
     tidy = tidy[~((tidy.subject == "S003") & (tidy.method == "srgan_2d") & (tidy.metric == "tb_th_mm"))]

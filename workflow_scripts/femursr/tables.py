@@ -13,7 +13,11 @@ neck, trochanter and ``metric`` among bv_tv, tb_th_mm, tb_sp_mm, tb_n_per_mm.
   the HR across the non-reference methods, Conover's adjusted p of each method against the LR,
   and whether it is significantly better; :func:`better_counts` sums that over the 12 tables.
 
-Subjects missing a method are refused by name: the tests are paired.
+A subject without a row for a method is refused by name. An undefined value (NaN, e.g. Tb.Th
+of an ROI in which a method finds no bone) is left out: Table 1 summarizes each method over the
+subjects where it is defined (``n``, and the others listed in ``undefined``), agreement uses the
+subjects where the method and the HR are defined, and the paired tests use the complete cases
+(``n``, the others listed in ``excluded``).
 """
 
 from __future__ import annotations
@@ -67,15 +71,20 @@ def _check(tidy: pd.DataFrame, reference: str) -> pd.DataFrame:
 
 
 def _paired(tidy: pd.DataFrame, region: str, metric: str, methods) -> pd.DataFrame:
-    """subjects x methods for one region and metric; subjects lacking a method are named."""
+    """subjects x methods for one region and metric. A subject without a row for a method is an
+    error that names it; a row whose value is undefined (NaN: e.g. Tb.Th of an ROI without bone)
+    stays NaN, and the callers use the subjects where what they compare is defined."""
     sub = tidy[(tidy.region == region) & (tidy.metric == metric)]
-    wide = sub.pivot(index="subject", columns="method", values="value").reindex(columns=list(methods))
-    bad = wide.index[wide.isna().any(axis=1)]
-    if len(bad):
-        gaps = {s: [m for m in methods if pd.isna(wide.loc[s, m])] for s in bad}
+    present = sub.groupby("subject")["method"].agg(set)
+    gaps = {s: [m for m in methods if m not in have] for s, have in present.items() if not set(methods) <= have}
+    if gaps:
         detail = "; ".join(f"{s}: {', '.join(ms)}" for s, ms in gaps.items())
-        raise ValueError(f"{metric} in the {region}: missing or undefined values ({detail}); the paired statistics need every method for every subject")
-    return wide
+        raise ValueError(f"{metric} in the {region}: no rows for ({detail}); every method needs a morphometry table for every subject")
+    return sub.pivot(index="subject", columns="method", values="value").reindex(columns=list(methods))
+
+
+def _undefined(wide: pd.DataFrame, method: str) -> str:
+    return ",".join(str(s) for s in wide.index[wide[method].isna()])
 
 
 def table1(tidy: pd.DataFrame, reference: str = "HR") -> pd.DataFrame:
@@ -86,13 +95,18 @@ def table1(tidy: pd.DataFrame, reference: str = "HR") -> pd.DataFrame:
     for metric in [m for m in METRICS if m in set(tidy.metric)]:
         for region in [r for r in REGIONS if r in set(tidy.region)]:
             wide = _paired(tidy, region, metric, methods)
-            ref = wide[reference].to_numpy()
             for m in methods:
-                v = wide[m].to_numpy()
-                row = {"method": m, "region": region, "metric": metric, "n": len(v), "mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else float("nan")}
+                ok = wide[m].notna()
+                v = wide.loc[ok, m].to_numpy()
+                row = {"method": m, "region": region, "metric": metric, "n": len(v), "mean": float(v.mean()) if len(v) else float("nan"), "sd": float(v.std(ddof=1)) if len(v) > 1 else float("nan"), "undefined": _undefined(wide, m)}
                 if m != reference:
-                    ba = bland_altman(v, ref)
-                    row.update(r=pearson(v, ref), ccc=lin_ccc(v, ref), icc=icc_2_1(np.column_stack([v, ref])), ba_bias=ba["bias"], ba_loa_low=ba["loa_low"], ba_loa_high=ba["loa_high"])
+                    both = ok & wide[reference].notna()
+                    a, ref = wide.loc[both, m].to_numpy(), wide.loc[both, reference].to_numpy()
+                    if len(a) >= 2:
+                        ba = bland_altman(a, ref)
+                        row.update(n_paired=len(a), r=pearson(a, ref), ccc=lin_ccc(a, ref), icc=icc_2_1(np.column_stack([a, ref])), ba_bias=ba["bias"], ba_loa_low=ba["loa_low"], ba_loa_high=ba["loa_high"])
+                    else:
+                        row.update(n_paired=len(a), r=float("nan"), ccc=float("nan"), icc=float("nan"), ba_bias=float("nan"), ba_loa_low=float("nan"), ba_loa_high=float("nan"))
                 rows.append(row)
     return pd.DataFrame(rows)
 
@@ -153,20 +167,23 @@ def statistics_table(tidy: pd.DataFrame, reference: str = "HR", baseline: str = 
     for metric in [m for m in METRICS if m in set(tidy.metric)]:
         for region in [r for r in REGIONS if r in set(tidy.region)]:
             wide = _paired(tidy, region, metric, methods + [reference])
-            err = wide[methods].sub(wide[reference], axis=0).abs()
-            f = friedman(err)
-            pairs = conover_friedman(err, p_adjust)
+            complete = wide.notna().all(axis=1)  # complete cases: the tests are paired
+            excluded = ",".join(str(s) for s in wide.index[~complete])
+            err = wide.loc[complete, methods].sub(wide.loc[complete, reference], axis=0).abs()
+            testable = len(err) >= 2
+            f = friedman(err) if testable else None
+            pairs = conover_friedman(err, p_adjust) if testable else None
             rank_sums = err.rank(axis=1).sum()
             for m in methods:
                 if m == baseline:
                     continue
-                p = float(pairs.loc[m, baseline])
+                p = float(pairs.loc[m, baseline]) if testable else float("nan")
                 rows.append({
-                    "metric": metric, "region": region, "method": m, "n": len(err),
-                    "friedman_chi2": f.statistic, "friedman_p": f.p_value,
+                    "metric": metric, "region": region, "method": m, "n": len(err), "excluded": excluded,
+                    "friedman_chi2": f.statistic if testable else float("nan"), "friedman_p": f.p_value if testable else float("nan"),
                     "conover_p_vs_" + baseline: p, "p_adjust": p_adjust,
-                    "mae": float(err[m].mean()), "mae_" + baseline: float(err[baseline].mean()),
-                    "better": bool(f.p_value < alpha and p < alpha and rank_sums[m] < rank_sums[baseline]),
+                    "mae": float(err[m].mean()) if testable else float("nan"), "mae_" + baseline: float(err[baseline].mean()) if testable else float("nan"),
+                    "better": bool(testable and f.p_value < alpha and p < alpha and rank_sums[m] < rank_sums[baseline]),
                 })
     return pd.DataFrame(rows)
 
