@@ -127,6 +127,8 @@ def table1_layout(long: pd.DataFrame) -> pd.DataFrame:
         for m in methods:
             row = g.loc[m]
             cell = f"{_fmt(row['mean'])} ± {_fmt(row['sd'])}"
+            if row["n"] < g["n"].max():  # undefined for some subjects (e.g. no bone in the ROI)
+                cell += f" [n = {int(row['n'])}]"
             if m != "HR" and "r" in row and pd.notna(row.get("r")):
                 cell += f" (r = {row['r']:.2f})"
             cells[method_label(m)] = cell
