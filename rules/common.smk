@@ -324,7 +324,36 @@ if _sr_no_block:
         f"config training.models: {', '.join(_sr_no_block)} has no settings block "
         "models.<name> in config/schemas/config.schema.yaml; add one"
     )
+# Latent diffusion models (LDM, ResShift) work in the latent space of an autoencoder trained on
+# the HR slices: each names the models block that configures it (key `autoencoder`, default
+# "autoencoder"); one autoencoder is trained per block and shared by the models that name it.
+SR_AUTOENCODER = {
+    m: config["models"][m]["autoencoder"]
+    for m in SR_MODELS
+    if "autoencoder" in config["models"][m]
+}
+for _m, _ae in SR_AUTOENCODER.items():
+    if _ae not in config["models"] or "network" not in config["models"][_ae]:
+        raise WorkflowError(
+            f"config models.{_m}.autoencoder: {_ae!r} is not an autoencoder block of `models` "
+            "(use 'autoencoder', or add a block models.autoencoder_<name> with the settings "
+            "of models.autoencoder)"
+        )
+AUTOENCODERS = sorted(set(SR_AUTOENCODER.values()))
+
+
+def one_of(names):
+    """A wildcard constraint matching exactly ``names`` (none at all when the list is empty:
+    Snakemake reads an empty constraint as no constraint)."""
+    return "|".join(names) if names else "(?!)"
+
+
+# models whose inference draws several samples per slice: their SR volume is the mean, and the
+# voxel-wise standard deviation is written beside it
+SR_SAMPLED = [m for m in SR_MODELS if config["models"][m].get("samples", 1) > 1]
+SR_SINGLE = [m for m in SR_MODELS if m not in SR_SAMPLED]
 SR_RUN = "results/models/{model}_{dims}"
+AE_RUN = "results/models/{autoencoder}"
 # the slices of `training` that the SR rules use: settings of inference do not retrain
 SR_TRAIN_OPTIONS = {
     k: TRAINING[k]
@@ -344,6 +373,31 @@ SR_INFER_OPTIONS = {
 wildcard_constraints:
     model="|".join(SR_MODELS),
     dims="|".join(SR_DIMS),
+    autoencoder=one_of(AUTOENCODERS),
+
+
+def sr_model_params(wildcards):
+    """The config block of a model; for a latent model with its autoencoder's network added
+    (``autoencoder_network``), which builds the autoencoder it carries."""
+    block = config["models"][wildcards.model]
+    if wildcards.model in SR_AUTOENCODER:
+        network = config["models"][SR_AUTOENCODER[wildcards.model]]["network"]
+        return {**block, "autoencoder_network": network}
+    return block
+
+
+def sr_autoencoder_weights(wildcards):
+    """The trained autoencoder of a latent model (none for the GANs)."""
+    if wildcards.model not in SR_AUTOENCODER:
+        return []
+    return rules.train_autoencoder.output.weights.format(
+        autoencoder=SR_AUTOENCODER[wildcards.model]
+    )
+
+
+def sr_samples(wildcards):
+    """Samples per slice at inference (models.<name>.samples; 1 for deterministic models)."""
+    return config["models"][wildcards.model].get("samples", 1)
 
 
 def sr_subject_files(part, kind):
@@ -385,6 +439,12 @@ def sr_targets():
         list(rules.split.output)
         + expand(rules.train_sr.output.record, model=SR_MODELS, dims=SR_DIMS)
         + expand(rules.sr_infer.output, model=SR_MODELS, dims=SR_DIMS, subject=SR_TEST)
+        + expand(
+            rules.sr_infer_sampled.output.std,
+            model=SR_SAMPLED,
+            dims=SR_DIMS,
+            subject=SR_TEST,
+        )
     )
 
 

@@ -25,6 +25,47 @@ rule split:
         "../workflow_scripts/split.py"
 
 
+rule train_autoencoder:
+    input:
+        split=rules.split.output.table,
+        train_lr=sr_subject_files("train", "lr"),
+        train_hr=sr_subject_files("train", "hr"),
+        train_mask=sr_subject_files("train", "mask"),
+        validation_lr=sr_subject_files("validation", "lr"),
+        validation_hr=sr_subject_files("validation", "hr"),
+        validation_mask=sr_subject_files("validation", "mask"),
+        perceptual=sr_perceptual_weights,
+    output:
+        weights=f"{AE_RUN}/autoencoder.pt",
+        record=f"{AE_RUN}/record.json",
+        metrics=report(
+            f"{AE_RUN}/metrics.csv",
+            caption="../report/autoencoder_training.rst",
+            category="SR models",
+            labels={"model": "{autoencoder}", "dims": "2d"},
+        ),
+    log:
+        "logs/sr/train_{autoencoder}.log",
+    benchmark:
+        "benchmarks/results/train_sr/{autoencoder}.tsv"
+    conda:
+        "../envs/femursr.yaml"
+    threads: TRAINING["threads"]
+    resources:
+        mem_mb=sr_train_mem_mb,
+        runtime=TRAINING["runtime_min"],
+        gpu=sr_gpu,
+    params:
+        name="autoencoder",
+        model=lookup(dpath="models/{autoencoder}", within=config),
+        training=SR_TRAIN_OPTIONS,
+        seed=config["seed"],
+        train=SR_TRAIN,
+        validation=SR_VALIDATION,
+    script:
+        "../workflow_scripts/train_sr.py"
+
+
 rule train_sr:
     input:
         split=rules.split.output.table,
@@ -35,6 +76,7 @@ rule train_sr:
         validation_hr=sr_subject_files("validation", "hr"),
         validation_mask=sr_subject_files("validation", "mask"),
         perceptual=sr_perceptual_weights,
+        autoencoder=sr_autoencoder_weights,
     output:
         generator=f"{SR_RUN}/generator.pt",
         record=f"{SR_RUN}/record.json",
@@ -56,7 +98,8 @@ rule train_sr:
         runtime=TRAINING["runtime_min"],
         gpu=sr_gpu,
     params:
-        model=lookup(dpath="models/{model}", within=config),
+        name="{model}",
+        model=sr_model_params,
         training=SR_TRAIN_OPTIONS,
         seed=config["seed"],
         train=SR_TRAIN,
@@ -78,6 +121,8 @@ rule sr_infer:
         "logs/sr/infer_{model}_{dims}_{subject}.log",
     benchmark:
         "benchmarks/results/sr_infer/{model}_{dims}_{subject}.tsv"
+    wildcard_constraints:
+        model=one_of(SR_SINGLE),
     conda:
         "../envs/femursr.yaml"
     threads: TRAINING["threads"]
@@ -87,5 +132,26 @@ rule sr_infer:
         gpu=sr_gpu,
     params:
         options=SR_INFER_OPTIONS,
+        samples=1,
+        seed=config["seed"],
     script:
         "../workflow_scripts/sr_infer.py"
+
+
+# Diffusion models with models.<name>.samples > 1: the SR volume is the mean of the samples, and
+# their voxel-wise standard deviation (where the model is unsure) is written beside it.
+use rule sr_infer as sr_infer_sampled with:
+    output:
+        volume="results/sr/{model}_{dims}/{subject}.nii.gz",
+        timing="results/sr/{model}_{dims}/{subject}.json",
+        std="results/sr/{model}_{dims}/{subject}.std.nii.gz",
+    log:
+        "logs/sr/infer_{model}_{dims}_{subject}.log",
+    benchmark:
+        "benchmarks/results/sr_infer/{model}_{dims}_{subject}.tsv"
+    wildcard_constraints:
+        model=one_of(SR_SAMPLED),
+    params:
+        options=SR_INFER_OPTIONS,
+        samples=sr_samples,
+        seed=config["seed"],

@@ -472,6 +472,127 @@ def test_generator_file_round_trip_and_volume_written_with_timing(cohort, tmp_pa
         load_generator(tmp_path / "bad.pt", build=build_tiny)
 
 
+# ------------------------------------------------------------------ stochastic and latent models
+class TinyNoisy(SRModel):
+    """A stochastic model: the LR centre slice scaled by a learnt factor, plus Gaussian noise."""
+
+    name = "noisy"
+    stochastic = True
+
+    def __init__(self, in_channels, params=None, perceptual_weights=None):
+        super().__init__(in_channels)
+        self.scale = nn.Parameter(torch.tensor(1.0))
+
+    @torch.no_grad()
+    def predict(self, lr):
+        c = lr[:, lr.shape[1] // 2 : lr.shape[1] // 2 + 1]
+        return self.scale * c + 0.1 * torch.randn_like(c)
+
+
+def test_sampled_inference_writes_the_mean_and_sd_of_the_samples(cohort, tmp_path):
+    lr, _, mask = _volumes(cohort[2])
+    model = TinyNoisy(3).eval()
+    std = np.zeros(lr.shape, np.float32)
+    out, timing = infer_volume(model, lr, mask, batch_slices=64, samples=5, seed=11, std_out=std)
+    # the same draws by hand: one batch of all femur slices, seeded after the warm-up
+    zs = np.flatnonzero(mask.any(axis=(1, 2)))
+    x = torch.from_numpy(np.stack([axial_stack(lr, int(z), 1) for z in zs]))
+    torch.manual_seed(11)
+    draws = np.stack([np.clip(model.predict(x)[:, 0].numpy(), 0, 1) for _ in range(5)]).astype(np.float64)
+    np.testing.assert_allclose(out[zs], draws.mean(0) * mask[zs], atol=1e-6)
+    np.testing.assert_allclose(std[zs], draws.std(0) * mask[zs], atol=1e-6)
+    assert not out[~mask].any() and not std[~mask].any()
+    inner = mask & (lr > 0.3) & (lr < 0.7)  # far from the clipping bounds: SD of the noise, 0.1
+    assert 0.07 < np.median(std[inner]) < 0.12
+    assert timing["samples"] == 5 and timing["seed"] == 11
+    again, _ = infer_volume(model, lr, mask, batch_slices=64, samples=5, seed=11)
+    other, _ = infer_volume(model, lr, mask, batch_slices=64, samples=5, seed=12)
+    assert np.array_equal(again, out) and not np.array_equal(other, out)
+    with pytest.raises(ValueError, match="deterministic"):
+        infer_volume(_tiny_eval(3), lr, mask, samples=2)
+
+
+def test_sampled_volume_and_sd_files(cohort, tmp_path):
+    path = save_generator(TinyNoisy(1), tmp_path / "g.pt", name="noisy", dims="2d", neighbours=0, params={})
+    files = cohort[1]
+
+    def build(name, dims, neighbours, params, perceptual_weights=None):
+        return TinyNoisy(1)
+
+    with pytest.raises(ValueError, match="std_out"):
+        run_inference(path, files.lr, files.hr, files.mask, tmp_path / "a.nii.gz", tmp_path / "a.json", device="cpu", samples=3, build=build)
+    run_inference(path, files.lr, files.hr, files.mask, tmp_path / "a.nii.gz", tmp_path / "a.json", device="cpu", samples=3, std_out=tmp_path / "a.std.nii.gz", build=build)
+    sd, hr = read_volume(tmp_path / "a.std.nii.gz"), read_volume(files.hr)
+    assert sd.same_grid(hr) and sd.array.max() > 0.02
+    assert json.loads((tmp_path / "a.json").read_text())["samples"] == 3
+
+
+def test_validation_of_the_autoencoder_reconstructs_the_hr(cohort):
+    from femursr.sr.train import evaluate
+
+    class Halver(TinyNoisy):
+        stochastic = False
+        validation_input = "hr"
+
+        @torch.no_grad()
+        def predict(self, x):
+            return 0.5 * x
+
+    _, val = _datasets(cohort)
+    loader = DataLoader(val, sampler=EpochSampler(0, 0, 4), batch_size=4)
+    got = evaluate(Halver(3), loader, torch.device("cpu"), StepContext("cpu"))
+    _, hr = next(iter(loader))
+    assert got["psnr"] == pytest.approx(float(psnr(0.5 * hr, hr).mean()), rel=1e-6)
+
+
+class TinyLatent(TinyGAN):
+    """A model that needs an autoencoder: it keeps the autoencoder's one weight as a buffer."""
+
+    name = "latent"
+    needs_autoencoder = True
+    inference_modules = ("generator_ema", "ae_weight")
+
+    def __init__(self, in_channels, params=None, perceptual_weights=None):
+        super().__init__(in_channels, {"pretrain_epochs": 1, "gan_epochs": 0})
+        assert params["autoencoder_network"] == {"latent_channels": 6}
+        self.register_buffer("ae_weight", torch.zeros(()))
+
+    def load_autoencoder(self, path):
+        self.ae_weight.copy_(torch.load(path, weights_only=True)["w"])
+
+
+def test_latent_model_trains_with_its_autoencoder_and_refuses_another(cohort, tmp_path):
+    import hashlib
+
+    training = {
+        "patch_size_px": 16, "batch_size": 4, "samples_per_epoch": 8, "neighbours": 0, "validation_patches": 4, "amp": "off",
+        "device": "cpu", "num_workers": 0, "checkpoint_every_steps": 1, "log_every_steps": 1,
+    }  # fmt: skip
+    ae = tmp_path / "autoencoder.pt"
+    torch.save({"w": torch.tensor(3.5)}, ae)
+    out = tmp_path / "latent_2d"
+
+    def build(name, dims, neighbours, params, perceptual_weights=None):
+        return TinyLatent(1, params)
+
+    def train(**kw):
+        args = dict(
+            name="latent", dims="2d", model_params={"autoencoder_network": {"latent_channels": 6}}, training=training, seed=1,
+            train=cohort[:3], validation=cohort[3:], run_dir=out / "run", generator=out / "generator.pt",
+            record=out / "record.json", metrics=out / "metrics.csv", build=build,
+        )  # fmt: skip
+        return train_sr(**{**args, **kw})
+
+    with pytest.raises(ValueError, match="train it first"):
+        train()
+    rec = train(autoencoder=ae)
+    assert rec["autoencoder"]["sha256"] == hashlib.sha256(ae.read_bytes()).hexdigest()
+    assert float(torch.load(out / "generator.pt", weights_only=True)["state_dict"]["ae_weight"]) == 3.5
+    torch.save({"w": torch.tensor(4.0)}, ae)  # the autoencoder retrained: the old run must not resume
+    with pytest.raises(CheckpointMismatch, match="autoencoder_sha256"):
+        train(autoencoder=ae)
+
+
 # ------------------------------------------------------------------ the rules
 def _sr_config(tmp_path, n_subjects=6, **training):
     from conftest import small_synthetic
@@ -510,7 +631,7 @@ def test_split_rule_writes_the_split_that_the_dag_uses(tmp_path):
 @pytest.mark.parametrize(
     "n_subjects, training, message",
     [
-        (6, {"models": ["srgn"]}, "config training.models: unknown SR model(s) srgn; known: realesrgan, srgan"),
+        (6, {"models": ["srgn"]}, "config training.models: unknown SR model(s) srgn; known: ldm, realesrgan, resshift, srgan"),
         (2, {}, "training, validation and test need at least one each"),
     ],
 )

@@ -1,5 +1,6 @@
-"""Rule sr_infer: apply a trained SR model to one subject's prepared LR volume; write the SR
-volume (HR grid, masked) and the time per volume (T/V) beside it."""
+"""Rules sr_infer and sr_infer_sampled: apply a trained SR model to one subject's prepared LR
+volume; write the SR volume (HR grid, masked) and the time per volume (T/V) beside it, and for a
+diffusion model sampled several times the voxel-wise standard deviation of the samples."""
 
 from femursr.workflow import limit_threads, script_logging
 
@@ -26,4 +27,7 @@ with script_logging(snakemake.log[0]):  # noqa: F821
         tile_px=opts["tile_px"],
         overlap_px=opts["tile_overlap_px"],
         subject=sm.wildcards.subject,
+        samples=sm.params.samples,
+        seed=sm.params.seed,
+        std_out=sm.output.get("std"),
     )

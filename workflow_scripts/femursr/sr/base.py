@@ -103,6 +103,22 @@ class SRModel(torch.nn.Module):
     #: reads (``femursr.sr.infer.save_generator``). ``None``: the whole ``state_dict``.
     inference_modules: tuple[str, ...] | None = None
 
+    #: what validation feeds :meth:`predict`: ``"lr"`` (SR models) or ``"hr"`` (the autoencoder,
+    #: whose validation figures are those of its reconstruction of the HR)
+    validation_input: str = "lr"
+
+    #: ``True`` for models whose :meth:`predict` draws random numbers (diffusion models): they use
+    #: torch's global generator, which the machinery seeds; inference may draw several samples
+    stochastic: bool = False
+
+    #: ``True`` for models in the latent space of a trained autoencoder (LDM, ResShift). Their
+    #: config block names the autoencoder's block (key ``autoencoder``); the machinery adds that
+    #: block's ``network`` to the params as ``autoencoder_network`` before building the model,
+    #: and calls :meth:`load_autoencoder` with the trained autoencoder's weights file before
+    #: training. The autoencoder is a submodule listed in :attr:`inference_modules`, so the
+    #: model's own weights file is enough for inference.
+    needs_autoencoder: bool = False
+
     def __init__(self, in_channels: int):
         super().__init__()
         self.in_channels = int(in_channels)
@@ -125,6 +141,10 @@ class SRModel(torch.nn.Module):
         Returns the losses as floats for logging (e.g. ``{"l_pix": ..., "l_d": ...}``).
         """
         raise NotImplementedError
+
+    def load_autoencoder(self, path) -> None:
+        """Load the trained autoencoder's weights (models with :attr:`needs_autoencoder`)."""
+        raise NotImplementedError(f"model {self.name} does not use an autoencoder")
 
     def on_step_end(self, phase: str) -> None:
         """After each iteration (e.g. update the EMA of the generator). Default: nothing."""

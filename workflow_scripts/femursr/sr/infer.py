@@ -6,6 +6,10 @@ on the device, in square tiles that overlap and are blended with linear ramps. S
 femur are not computed: the output is masked with the femur mask, as the HR is, and is 0 there.
 Values are clipped to [0, 1].
 
+Diffusion models are stochastic: their noise comes from torch's generator, seeded per volume; with
+several samples per slice the volume is their mean, and the voxel-wise standard deviation is
+written beside it (a map of where the model is unsure, i.e. of hallucination risk).
+
 The time per volume (T/V, section 3.1) is the wall time of that loop (reading the slices from
 the memory-mapped LR included, writing the NIfTI excluded), after one warm-up batch, with the
 device synchronized before the clock is read.
@@ -166,14 +170,31 @@ def infer_volume(
     tile_px: int | None = None,
     overlap_px: int = 32,
     label: str = "volume",
+    samples: int = 1,
+    seed: int = 0,
+    std_out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
     """SR of every axial slice of ``lr`` (z, y, x) in [0, 1] that holds femur in ``mask``.
 
     Returns the SR volume (float32, same shape, masked, clipped to [0, 1]) and the timing record
     (``seconds`` = T/V, slices computed, device, batch and tile sizes). ``model.in_channels``
-    decides 2D or 2.5D."""
+    decides 2D or 2.5D.
+
+    A stochastic model (diffusion) draws from torch's generator, seeded with ``seed`` when the
+    timed loop starts, so a volume is reproducible for a given seed, batch and tile size. With
+    ``samples`` > 1 it is run that many times on every batch: the volume returned is the mean of
+    the (clipped) samples, and ``std_out`` (same shape, float32), if given, receives their
+    voxel-wise standard deviation (ddof 0), a map of where the model is unsure. T/V is then the
+    time of all samples."""
     if lr.shape != mask.shape:
         raise ValueError(f"{label}: LR shape {lr.shape} differs from the femur mask's {mask.shape}")
+    samples = int(samples)
+    if samples < 1:
+        raise ValueError(f"{label}: samples must be at least 1, not {samples}")
+    if samples > 1 and not model.stochastic:
+        raise ValueError(f"{label}: model {model.name} is deterministic; several samples would all be equal (set samples: 1)")
+    if std_out is not None and std_out.shape != lr.shape:
+        raise ValueError(f"{label}: std_out has shape {std_out.shape}, the LR {lr.shape}")
     device = torch.device(device)
     ctx = StepContext(device, "off" if amp is False else amp)
     neighbours = (model.in_channels - 1) // 2
@@ -189,10 +210,21 @@ def infer_volume(
         if batches:  # warm-up: kernels, allocator, caches
             predict_slices(model, stacks(batches[0]), device, ctx, tile_px, overlap_px)
         _sync(device)
+        if model.stochastic:
+            torch.manual_seed(int(seed))
         t0 = time.perf_counter()
         for zs in batches:
-            sr = predict_slices(model, stacks(zs), device, ctx, tile_px, overlap_px)
-            out[zs] = np.clip(sr, 0.0, 1.0) * (np.asarray(mask[zs]) != 0)
+            inside = np.asarray(mask[zs]) != 0
+            x = stacks(zs)
+            total = sq = None
+            for _ in range(samples):
+                sr = np.clip(predict_slices(model, x, device, ctx, tile_px, overlap_px), 0.0, 1.0).astype(np.float64)
+                total = sr if total is None else total + sr
+                sq = sr * sr if sq is None else sq + sr * sr
+            mean = total / samples
+            out[zs] = mean * inside
+            if std_out is not None:
+                std_out[zs] = np.sqrt(np.maximum(sq / samples - mean * mean, 0.0)) * inside
         _sync(device)
         seconds = time.perf_counter() - t0
     except torch.OutOfMemoryError:
@@ -214,6 +246,8 @@ def infer_volume(
         "tile_px": tile_px,
         "tile_overlap_px": overlap_px if tile_px is not None else None,
         "warmup_batches": 1 if batches else 0,
+        "samples": samples,
+        "seed": int(seed) if model.stochastic else None,
     }
     return out, timing
 
@@ -232,11 +266,19 @@ def run_inference(
     tile_px: int | None = None,
     overlap_px: int = 32,
     subject: str = "",
+    samples: int = 1,
+    seed: int = 0,
+    std_out=None,
     build=None,
 ) -> dict:
     """Apply the model in ``generator`` to the prepared LR volume ``lr`` of one subject; write the
     SR volume ``out`` (NIfTI, the HR's grid and geometry, masked, [0, 1]) and its timing
-    ``timing_out`` (JSON: T/V in ``seconds``), both atomically. Returns the timing record."""
+    ``timing_out`` (JSON: T/V in ``seconds``), both atomically. Returns the timing record.
+
+    ``samples`` > 1 (stochastic models): ``out`` is the mean of the samples and ``std_out`` (a
+    NIfTI path, required then) their voxel-wise standard deviation (see :func:`infer_volume`)."""
+    if int(samples) > 1 and std_out is None:
+        raise ValueError("samples > 1: give std_out, the file for the voxel-wise standard deviation")
     import json
 
     from ..volume import read_volume, write_volume
@@ -249,8 +291,13 @@ def run_inference(
     for name, vol, path in (("HR", hr_v, hr), ("femur mask", mask_v, mask)):
         if not lr_v.same_grid(vol):
             raise ValueError(f"{label}: the {name} {path} (shape {vol.shape}) is not on the grid of the LR {lr} (shape {lr_v.shape}); rerun this subject's preprocessing")
-    sr, timing = infer_volume(model, lr_v.array, mask_v.array, device=dev, amp=amp, batch_slices=batch_slices, tile_px=tile_px, overlap_px=overlap_px, label=label)
+    std = np.zeros(lr_v.shape, np.float32) if std_out is not None else None
+    sr, timing = infer_volume(
+        model, lr_v.array, mask_v.array, device=dev, amp=amp, batch_slices=batch_slices, tile_px=tile_px, overlap_px=overlap_px, label=label, samples=samples, seed=seed, std_out=std
+    )
     write_volume(hr_v.with_array(sr), out)
+    if std_out is not None:
+        write_volume(hr_v.with_array(std), std_out)
     timing = {"subject": subject, "model": model.name, "in_channels": model.in_channels, "weights": str(generator), **timing}
     with atomic_file(timing_out) as tmp:
         tmp.write_text(json.dumps(timing, indent=2) + "\n")

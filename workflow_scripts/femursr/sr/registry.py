@@ -22,6 +22,14 @@ if TYPE_CHECKING:  # torch is imported only when a model is built: the workflow 
 MODELS: dict[str, str] = {
     "srgan": "gan:SRGAN",
     "realesrgan": "gan:RealESRGANPlus",
+    "ldm": "ldm:LatentDiffusionSR",
+    "resshift": "resshift:ResShiftSR",
+}
+
+#: models that are not SR models but are trained by the same machinery: the autoencoder whose
+#: latent space the diffusion models work in (trained on HR slices, dims 2d)
+AUXILIARY: dict[str, str] = {
+    "autoencoder": "autoencoder:Autoencoder",
 }
 
 #: names as they appear in rule targets: ``{model}_{dims}``, dims in 2d, 25d
@@ -30,7 +38,7 @@ DIMS = ("2d", "25d")
 
 def model_class(name: str) -> type[SRModel]:
     try:
-        target = MODELS[name]
+        target = MODELS[name] if name in MODELS else AUXILIARY[name]
     except KeyError:
         raise KeyError(f"unknown SR model {name!r}; known models: {', '.join(sorted(MODELS))}") from None
     module, cls = target.split(":")

@@ -261,16 +261,26 @@ class _StopRequest:
 # ------------------------------------------------------------------ validation
 @torch.no_grad()
 def evaluate(model: SRModel, loader, device, ctx: StepContext) -> dict:
-    """Mean PSNR (dB) and SSIM of ``model.predict`` (clipped to [0, 1]) over ``loader``."""
+    """Mean PSNR (dB) and SSIM of ``model.predict`` (clipped to [0, 1]) over ``loader``.
+
+    ``predict`` gets the LR, or the HR for models whose :attr:`~SRModel.validation_input` is
+    ``"hr"`` (the autoencoder). A stochastic model draws its noise from a generator seeded the
+    same way at every validation (forked, so training's random stream is not touched), so that
+    the figures of successive epochs differ only by the weights."""
     was_training = model.training
     model.eval()
     p, s = [], []
-    for lr, hr in loader:
-        with ctx.autocast():
-            pred = model.predict(lr.to(device, non_blocking=True))
-        pred = pred.float().clamp(0, 1).cpu()
-        p.append(psnr(pred, hr))
-        s.append(ssim(pred, hr))
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=model.stochastic):
+        if model.stochastic:
+            torch.manual_seed(0)
+        for lr, hr in loader:
+            x = hr if model.validation_input == "hr" else lr
+            with ctx.autocast():
+                pred = model.predict(x.to(device, non_blocking=True))
+            pred = pred.float().clamp(0, 1).cpu()
+            p.append(psnr(pred, hr))
+            s.append(ssim(pred, hr))
     model.train(was_training)
     if not p:
         return {}
@@ -466,6 +476,15 @@ def fit(
 RESULT_KEYS = ("patch_size_px", "batch_size", "samples_per_epoch", "neighbours", "validation_patches", "amp")
 
 
+def file_sha256(path) -> str:
+    """SHA-256 of a file's bytes (read in 1 MB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _last_validation(metrics_csv: Path) -> dict:
     rows = list(csv.DictReader(open(metrics_csv, newline=""))) if metrics_csv.is_file() else []
     last = max((int(r["global_step"]) for r in rows), default=None)
@@ -486,6 +505,7 @@ def train_sr(
     record,
     metrics,
     perceptual_weights: str | None = None,
+    autoencoder=None,
     build=None,
     callback=None,
     handle_signals: bool = False,
@@ -496,7 +516,10 @@ def train_sr(
 
     ``training`` is the config block ``training``, ``model_params`` the block ``models.<name>``.
     The run's state lives in ``run_dir`` (checkpoint, live metrics, TensorBoard), so a killed
-    run resumes there. ``build`` stands in for the registry's ``build_model`` (tests).
+    run resumes there. ``autoencoder``: the trained autoencoder's weights file, for models that
+    work in its latent space (``model_params`` then holds ``autoencoder_network``); its content
+    hash is part of the run's configuration, so a retrained autoencoder makes an old checkpoint
+    refuse to resume. ``build`` stands in for the registry's ``build_model`` (tests).
     Returns the record.
     """
     from .data import PatchDataset, index_subject
@@ -516,8 +539,17 @@ def train_sr(
         "validation": [s.subject for s in validation],
         "perceptual_weights": perceptual_weights,
     }
+    if autoencoder is not None:
+        config["autoencoder_sha256"] = file_sha256(autoencoder)
     seed_everything(int(seed))
     model = build(name, dims, training["neighbours"], model_params, perceptual_weights=perceptual_weights)
+    if model.needs_autoencoder:
+        if autoencoder is None:
+            raise ValueError(f"model {name} works in the latent space of an autoencoder, but none was given; train it first (rule train_autoencoder)")
+        model.load_autoencoder(autoencoder)
+        log.info("autoencoder weights from %s (sha256 %s)", autoencoder, config["autoencoder_sha256"][:12])
+    elif autoencoder is not None:
+        raise ValueError(f"model {name} does not use an autoencoder, but {autoencoder} was given")
     log.info("model %s %s: %d input channel(s); %s", name, dims, model.in_channels, json.dumps(model.record(), default=str))
     t = time.perf_counter()
     femur = {s.subject: index_subject(s) for s in train + validation}
@@ -570,6 +602,7 @@ def train_sr(
         "train_subjects": config["train"],
         "validation_subjects": config["validation"],
         "perceptual_weights": perceptual_weights,
+        "autoencoder": None if autoencoder is None else {"weights": str(autoencoder), "sha256": config["autoencoder_sha256"]},
         "config_hash": config_hash(config),
         "run_dir": str(run_dir),
         "torch": torch.__version__,
