@@ -598,7 +598,7 @@ def _sr_config(tmp_path, n_subjects=6, **training):
     from conftest import small_synthetic
 
     cfg = small_synthetic(n_subjects=n_subjects, scale=0.45, voxel=0.4)
-    cfg["training"].update({"models": ["srgan", "realesrgan"], **training})
+    cfg["training"].update({"models": ["srgan", "realesrgan", "ldm", "resshift"], **training})
     path = tmp_path / "config.yaml"
     path.write_text(__import__("yaml").safe_dump(cfg))
     return cfg, path
@@ -620,7 +620,9 @@ def test_split_rule_writes_the_split_that_the_dag_uses(tmp_path):
     dry = run_snakemake(["-n", "--configfile", str(cfgfile)], tmp_path)
     jobs = _job_counts(dry.stdout)
     want = split_subjects([f"S{i:03d}" for i in range(1, 7)], cfg["split"], cfg["seed"])
-    assert (jobs["split"], jobs["train_sr"], jobs["sr_infer"]) == (1, 4, 4 * len(want.part("test")))
+    n_test = len(want.part("test"))
+    # resshift draws 3 samples per slice in the demo config: its volumes come from sr_infer_sampled
+    assert (jobs["split"], jobs["train_autoencoder"], jobs["train_sr"], jobs["sr_infer"], jobs["sr_infer_sampled"]) == (1, 1, 8, 6 * n_test, 2 * n_test)
     for s in want.part("test"):
         assert f"results/sr/realesrgan_25d/{s}.nii.gz" in dry.stdout
     run_snakemake(["-c1", "results/split.tsv", "--configfile", str(cfgfile)], tmp_path)
@@ -651,15 +653,20 @@ def test_sr_rules_train_resume_and_apply_on_a_tiny_cohort(tmp_path):
     from conftest import run_snakemake
 
     cfg, cfgfile = _sr_config(tmp_path, n_subjects=3, samples_per_epoch=2, batch_size=2, validation_patches=2, device="cpu")
-    for name in cfg["training"]["models"]:
+    for block in cfg["models"].values():  # the SR models and the diffusion models' autoencoder
         for phase in ("pretrain", "gan"):
-            cfg["models"][name][phase]["epochs"] = 1
+            if phase in block:
+                block[phase]["epochs"] = 1
+        if "epochs" in block:
+            block["epochs"] = 1
+    cfg["models"]["resshift"]["samples"] = 2
     cfgfile.write_text(__import__("yaml").safe_dump(cfg))
     run_snakemake(["-c1", "results/split.tsv", "--configfile", str(cfgfile)], tmp_path)
     (test,) = read_split(tmp_path / "results" / "split.tsv").part("test")
     models = [f"{name}_{dims}" for name in cfg["training"]["models"] for dims in cfg["training"]["dims"]]
     targets = [f"results/sr/{m}/{test}.{ext}" for m in models for ext in ("nii.gz", "json")]
     targets += [f"results/models/{m}/record.json" for m in models]
+    targets += [f"results/sr/resshift_{dims}/{test}.std.nii.gz" for dims in cfg["training"]["dims"]]
     run_snakemake(["-c2", *targets, "--configfile", str(cfgfile)], tmp_path, timeout=3600)
     hr = read_volume(tmp_path / "results" / "prepared" / test / "hr.nii")
     mask = read_volume(tmp_path / "results" / "masks" / test / "femur.nii.gz").array != 0
@@ -667,13 +674,19 @@ def test_sr_rules_train_resume_and_apply_on_a_tiny_cohort(tmp_path):
         for dims in cfg["training"]["dims"]:
             run = tmp_path / "results" / "models" / f"{name}_{dims}"
             rec = json.loads((run / "record.json").read_text())
-            assert rec["steps"] == 2 and rec["in_channels"] == (1 if dims == "2d" else 5)
+            assert rec["steps"] == (2 if name in ("srgan", "realesrgan") else 1) and rec["in_channels"] == (1 if dims == "2d" else 5)
             assert rec["perceptual_weights"] is None and set(rec["validation"]) == {"psnr", "ssim"}
             assert (run / "run" / "checkpoint.pt").is_file() and list((run / "run" / "tensorboard").iterdir())
             sr = read_volume(tmp_path / "results" / "sr" / f"{name}_{dims}" / f"{test}.nii.gz")
             assert sr.same_grid(hr) and not sr.array[~mask].any() and 0 < sr.array.max() <= 1
             timing = json.loads((tmp_path / "results" / "sr" / f"{name}_{dims}" / f"{test}.json").read_text())
             assert timing["seconds"] > 0 and timing["slices_computed"] == int(mask.any(axis=(1, 2)).sum())
+            assert timing["samples"] == (2 if name == "resshift" else 1)
+            if name == "resshift":
+                sd = read_volume(tmp_path / "results" / "sr" / f"{name}_{dims}" / f"{test}.std.nii.gz")
+                assert sd.same_grid(hr) and not sd.array[~mask].any() and sd.array.max() > 0
+            if name in ("ldm", "resshift"):
+                assert rec["autoencoder"]["weights"] == "results/models/autoencoder/autoencoder.pt"
     assert "Nothing to be done" in run_snakemake(["-n", *targets, "--configfile", str(cfgfile)], tmp_path).stdout
     # an output lost after training: the rerun resumes from the final checkpoint, no new step
     first = tmp_path / "results" / "models" / f"{cfg['training']['models'][0]}_2d"
