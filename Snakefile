@@ -21,6 +21,7 @@ include: "rules/nnunet.smk"
 include: "rules/sr.smk"
 include: "rules/evaluate.smk"
 include: "rules/results.smk"
+include: "rules/clinical.smk"
 
 
 rule all:

@@ -16,7 +16,19 @@ SYNTHETIC = config["cohort"] == "synthetic"
 SYNTH_ROOT = "results/synthetic"
 
 if SYNTHETIC:
-    SUBJECTS = synthetic_ids(config["synthetic"])
+    # synthetic.n_clinical more subjects follow the n_subjects with both scans: clinical-only
+    # patients (rules/clinical.smk), made only when there is an SR model to apply to them
+    _N_CLINICAL = (
+        config["synthetic"]["n_clinical"]
+        if config["training"]["models"] or config["clinical"]["model_dir"]
+        else 0
+    )
+    SUBJECTS = synthetic_ids(
+        {
+            **config["synthetic"],
+            "n_subjects": config["synthetic"]["n_subjects"] + _N_CLINICAL,
+        }
+    )
 else:
     try:
         SHEET = load_subjects(config["subjects"])
@@ -56,7 +68,7 @@ _check_fields(
 )
 
 if SYNTHETIC:
-    PAIRED = SUBJECTS
+    PAIRED = SUBJECTS[: config["synthetic"]["n_subjects"]]
 else:
     PAIRED = [s for s in SUBJECTS if SHEET.loc[s, "hr"]]
 
@@ -125,8 +137,10 @@ def final_targets():
     if SYNTHETIC:
         targets += list(rules.preprocessing_accuracy.output)
     targets += sr_targets()
-    targets += evaluation_targets()
+    if EVAL_SUBJECTS:  # none for a sheet of clinical-only patients (clinical.model_dir)
+        targets += evaluation_targets()
     targets += results_targets()
+    targets += clinical_targets()
     return targets
 
 
@@ -172,12 +186,13 @@ elif NNUNET_ON:
         except ValueError as err:
             raise WorkflowError(str(err)) from None
     elif SYNTHETIC:
-        # By default every synthetic subject's LR scan trains the model that then masks it, so
+        # By default every synthetic subject's LR scan trains the model that then masks it (the
+        # clinical-only patients of synthetic.n_clinical are left out, as a real one has no label), so
         # the demo's masks are predictions on training cases (an optimistic Dice). The data
         # split of the SR models is not used here (it was not there when this was written);
         # training_subjects can hold subjects out.
         NNUNET_SUBJECTS = list(
-            SUBJECTS
+            PAIRED
             if NNUNET["training_subjects"] is None
             else NNUNET["training_subjects"]
         )
@@ -451,6 +466,7 @@ def sr_targets():
 # ------------------------------------------------------------------ ROI evaluation (rules/evaluate.smk)
 # An evaluated volume is a (method, subject): LR and HR of the evaluated subjects, and the SR
 # outputs {model}_{dims} of the test subjects. Templates come from the training subjects.
+from femursr.labelling import LabellingParams  # noqa: E402
 from femursr.pointcloud import MatchParams  # noqa: E402
 
 EVAL = config["evaluation"]
@@ -474,11 +490,20 @@ N_TEMPLATES = (
     if EVAL["template_subjects"]
     else min(EVAL["n_templates"], len(TEMPLATE_CANDIDATES))
 )
-TEMPLATE_LABELS = dict(EVAL["template_labels"] or {})
+# template labels: label maps from config, the synthetic truth, or automatic (femursr.labelling:
+# template_labels auto, and the default for a cohort sheet without label maps)
+AUTO_TEMPLATE_LABELS = EVAL["template_labels"] == "auto" or (
+    EVAL["template_labels"] is None and not SYNTHETIC
+)
+TEMPLATE_LABELS = (
+    dict(EVAL["template_labels"]) if isinstance(EVAL["template_labels"], dict) else {}
+)
+_check_fields(EVAL["auto_labelling"], LabellingParams, "evaluation.auto_labelling")
 if SYNTHETIC and TEMPLATE_LABELS:
     raise WorkflowError(
         f"{_EVAL_KEY}.template_labels: the synthetic cohort's templates are labelled from its "
-        "truth (results/synthetic/{subject}/truth/regions.nii.gz); remove template_labels"
+        "truth (results/synthetic/{subject}/truth/regions.nii.gz); remove template_labels, or "
+        "set it to auto to label them from their femur masks"
     )
 _lab_unknown = [s for s in TEMPLATE_LABELS if s not in TEMPLATE_CANDIDATES]
 if _lab_unknown:
@@ -486,12 +511,13 @@ if _lab_unknown:
         f"{_EVAL_KEY}.template_labels: {', '.join(_lab_unknown)} cannot be a template (templates "
         f"come from {'evaluation.template_subjects' if EVAL['template_subjects'] else 'the training subjects of the split'})"
     )
-if EVAL["template_subjects"] and not SYNTHETIC:
+if EVAL["template_subjects"] and TEMPLATE_LABELS:
     _lab_missing = [s for s in TEMPLATE_CANDIDATES if s not in TEMPLATE_LABELS]
     if _lab_missing:
         raise WorkflowError(
             f"{_EVAL_KEY}.template_subjects: {', '.join(_lab_missing)} has no region label map in "
-            "evaluation.template_labels; add {subject: path} (1 head, 2 neck, 3 trochanter, 4 shaft)"
+            "evaluation.template_labels; add {subject: path} (1 head, 2 neck, 3 trochanter, 4 shaft), "
+            "or set template_labels to auto"
         )
 
 # what place_rois uses (editing the morphometry context or the bone threshold does not re-place)
@@ -542,9 +568,19 @@ def place_rois_input(wildcards):
     return inputs
 
 
+def chosen_templates():
+    """The template subjects chosen by select_templates (a checkpoint: known once it has run)."""
+    import pandas as pd
+
+    table = checkpoints.select_templates.get().output.table
+    return pd.read_csv(table, sep="\t", dtype={"subject": str}).subject.tolist()
+
+
 def template_label_input(wildcards):
-    """Region labels of the template candidates: the synthetic truth folders, or the label maps
-    given in evaluation.template_labels."""
+    """Region labels of the templates: the automatic label maps of the chosen templates, the
+    synthetic truth folders, or the label maps given in evaluation.template_labels."""
+    if AUTO_TEMPLATE_LABELS:
+        return expand(rules.template_labels.output.labels, subject=chosen_templates())
     if SYNTHETIC:
         return expand(
             rules.synthesize_subject.output.truth, subject=TEMPLATE_CANDIDATES
@@ -553,7 +589,13 @@ def template_label_input(wildcards):
 
 
 def template_label_maps():
-    """subject -> label map file, for the templates rule."""
+    """subject -> label map file, for the templates job. With automatic labels, the file that
+    each candidate's labels would have (the job's input holds the chosen ones only)."""
+    if AUTO_TEMPLATE_LABELS:
+        return {
+            s: rules.template_labels.output.labels.format(subject=s)
+            for s in TEMPLATE_CANDIDATES
+        }
     if SYNTHETIC:
         return {
             s: f"{rules.synthesize_subject.output.truth.format(subject=s)}/regions.nii.gz"
@@ -592,9 +634,25 @@ def evaluation_targets():
 # ------------------------------------------------------------------ results (rules/results.smk)
 # Image quality and Table 1 are over the test subjects: the LR and every SR variant against the
 # HR (Table 1 also lists the HR itself).
+from types import SimpleNamespace  # noqa: E402
+
 QUALITY_OPTIONS = config["evaluation"]["quality"]
 QUALITY_METHODS = ["LR"] + EVAL_SR
 RESULT_SUBJECTS = list(SR_TEST) if SR_MODELS else list(EVAL_SUBJECTS)
+# the SR variants whose inference drew several samples: beside the mean volume they write the
+# voxel-wise SD of the samples (results/sr/{model}_{dims}/{subject}.std.nii.gz)
+SAMPLED_SR = [
+    m
+    for m in EVAL_SR
+    if config["models"].get(m.rsplit("_", 1)[0], {}).get("samples", 1) > 1
+]
+# Figures (rules figure1, figure_sample_sd, agreement_plots): Figure 1 of the first test subject
+# by default (any test subject on request), the agreement plots of every method against the HR.
+# The paper's inset is 30 mm on adult femora; the synthetic cohort is drawn at anatomy_scale.
+FIGURE_METHODS = ["LR"] + EVAL_SR + ["HR"]
+FIGURE_INSET_MM = round(
+    30.0 * (config["synthetic"]["anatomy_scale"] if SYNTHETIC else 1.0), 2
+)
 
 
 def quality_input(wildcards):
@@ -618,8 +676,211 @@ def quality_input(wildcards):
     return files
 
 
+def figure1_input(wildcards):
+    """The femur mask and the volume of every method of Figure 1 (FIGURE_METHODS order)."""
+    s = wildcards.subject
+    return {
+        "mask": rules.femur_mask.output.mask.format(subject=s),
+        "volumes": [
+            evaluated_volume(SimpleNamespace(method=m, subject=s))
+            for m in FIGURE_METHODS
+        ],
+    }
+
+
+def sample_sd_input(wildcards):
+    """The femur mask, the HR (the grey window), and the mean and SD volumes of every sampled
+    SR variant (SAMPLED_SR order)."""
+    s = wildcards.subject
+    model_dims = [m.rsplit("_", 1) for m in SAMPLED_SR]
+    return {
+        "mask": rules.femur_mask.output.mask.format(subject=s),
+        "hr": rules.normalize.output.hr.format(subject=s),
+        "means": [
+            rules.sr_infer_sampled.output.volume.format(model=m, dims=d, subject=s)
+            for m, d in model_dims
+        ],
+        "sds": [
+            rules.sr_infer_sampled.output.std.format(model=m, dims=d, subject=s)
+            for m, d in model_dims
+        ],
+    }
+
+
+def figure_mem_mb(wildcards, attempt):
+    """Memory (MB) of a figure job: the femur mask read whole (1 byte per HR voxel) and slices,
+    at least 2 GB; doubled on each retry."""
+    hr = rules.normalize.output.hr.format(subject=wildcards.subject)
+    voxels_m = _size_mb(hr) / 4.0  # float32
+    return int(max(2000, 1000 + 2 * voxels_m) * attempt)
+
+
 def results_targets():
-    """Table 1, the statistics and the image-quality table (needs at least 2 test subjects)."""
-    if len(RESULT_SUBJECTS) < 2:
+    """Table 1, the statistics, the image-quality table, their HTML page and the agreement plots
+    (these need at least 2 test subjects), Figure 1 of the first test subject and, for sampled SR variants, the
+    map of the SD across samples on its slice."""
+    targets = []
+    if len(RESULT_SUBJECTS) >= 2:
+        targets += list(rules.results_tables.output) + list(rules.results_page.output)
+        targets += expand(rules.agreement_plots.output, method=QUALITY_METHODS)
+    if RESULT_SUBJECTS:
+        targets += expand(rules.figure1.output, subject=RESULT_SUBJECTS[0])
+        if SAMPLED_SR:
+            targets += expand(rules.figure_sample_sd.output, subject=RESULT_SUBJECTS[0])
+    return targets
+
+
+# ------------------------------------------------------------------ clinical branch (rules/clinical.smk)
+# Patients with a clinical CT and no HR-pQCT: the sheet's rows with an empty hr, the synthetic
+# cohort's n_clinical last subjects, and clinical.subjects (subjects with both scans run through
+# the branch as well, their HR unused: a check against the paired evaluation). The model they get
+# is clinical.model (trained here and exported as a portable folder) or clinical.model_dir.
+from femursr import clinical as femur_clinical  # noqa: E402
+from snakemake.logging import logger  # noqa: E402
+
+CLINICAL_CFG = config["clinical"]
+CLINICAL_ROOT = "results/clinical"
+_CLIN_KEY = "config clinical"
+CLINICAL_MODEL_DIR = CLINICAL_CFG["model_dir"]
+_clin_extra = list(CLINICAL_CFG["subjects"] or [])
+_clin_unknown = [s for s in _clin_extra if s not in PAIRED]
+if _clin_unknown:
+    raise WorkflowError(
+        f"{_CLIN_KEY}.subjects: {', '.join(_clin_unknown)} is not a subject with both scans (the "
+        "clinical-only patients take the clinical branch anyway; list here only paired subjects "
+        "to run through it as well)"
+    )
+_clin_only = [s for s in SUBJECTS if s not in PAIRED]
+if (_clin_only or _clin_extra) and not (SR_MODELS or CLINICAL_MODEL_DIR):
+    if _clin_extra:
+        raise WorkflowError(
+            f"{_CLIN_KEY}.subjects: the clinical branch needs an SR model: list models in "
+            "training.models, or give clinical.model_dir (a portable model folder)"
+        )
+    logger.warning(
+        f"clinical-only patients {', '.join(_clin_only)} are left out: no SR model to apply "
+        "(training.models is empty and clinical.model_dir is not set)"
+    )
+CLINICAL = (
+    _clin_only + [s for s in _clin_extra if s not in _clin_only]
+    if SR_MODELS or CLINICAL_MODEL_DIR
+    else []
+)
+if CLINICAL_MODEL_DIR and CLINICAL_CFG["model"]:
+    raise WorkflowError(
+        f"{_CLIN_KEY}: give model (a {{model}}_{{dims}} trained by this workflow) or model_dir (a "
+        "portable model folder), not both"
+    )
+CLINICAL_CARD = None
+if CLINICAL_MODEL_DIR:
+    try:
+        CLINICAL_CARD = femur_clinical.check_model_folder(CLINICAL_MODEL_DIR)
+    except (FileNotFoundError, ValueError) as err:
+        raise WorkflowError(f"{_CLIN_KEY}.model_dir: {err}") from None
+    CLINICAL_METHOD = CLINICAL_CARD["method"]
+else:
+    CLINICAL_METHOD = CLINICAL_CFG["model"] or (SR_METHODS[0] if SR_METHODS else None)
+    # (not checked when nothing is trained here: then there is no clinical branch either)
+    if SR_MODELS and CLINICAL_CFG["model"] and CLINICAL_METHOD not in SR_METHODS:
+        raise WorkflowError(
+            f"{_CLIN_KEY}.model: {CLINICAL_METHOD!r} is not a trained model of this workflow; "
+            f"choose one of {', '.join(SR_METHODS) or '(none: training.models is empty)'} "
+            "(training.models x training.dims), or give clinical.model_dir"
+        )
+if not SYNTHETIC and "side" in SHEET.columns:
+    CLINICAL_SIDES = {s: SHEET.loc[s, "side"] for s in CLINICAL}
+else:
+    CLINICAL_SIDES = {}
+CLINICAL_PREPARE_OPTIONS = {
+    k: CLINICAL_CFG[k] for k in ("voxel_mm", "margin_mm", "head_margin_mm")
+}
+# the evaluation settings the clinical branch uses (those of the paired evaluation's ROIs)
+CLINICAL_EVAL_OPTIONS = {
+    k: EVAL[k]
+    for k in ("bone_mask", "outline_closing_mm", "surface_voxel_mm", "template_points")
+    + ("matching", "refine_radius", "roi_edge_vox", "context_mm")
+    + ("min_outline_fraction",)
+}
+# the voxel of the clinical grid, for memory estimates before any model card exists
+_CLIN_VOXEL = (
+    CLINICAL_CFG["voxel_mm"]
+    or (CLINICAL_CARD or {}).get("voxel_mm")
+    or (config["synthetic"]["hr"]["voxel_mm"] if SYNTHETIC else 0.082)
+)
+
+
+def clinical_model(name):
+    """A file of the portable model the clinical branch applies: generator, card or templates
+    (clinical.model_dir, or the export of the model trained here)."""
+    if CLINICAL_MODEL_DIR:
+        files = {"card": femur_clinical.CARD, **CLINICAL_CARD["files"]}
+        return str(Path(CLINICAL_MODEL_DIR) / files[name])
+    if CLINICAL_METHOD is None:
         return []
-    return list(rules.results_tables.output)
+    model, dims = CLINICAL_METHOD.rsplit("_", 1)
+    return getattr(rules.clinical_export_model.output, name).format(
+        model=model, dims=dims
+    )
+
+
+def clinical_lr(wildcards):
+    """The imported clinical CT of a patient."""
+    return rules.import_scan.output.volume.format(subject=wildcards.subject, scan="lr")
+
+
+def clinical_side(wildcards):
+    """The femur's side from the sheet's side column ('' = detect it from the anatomy)."""
+    return CLINICAL_SIDES.get(wildcards.subject, "")
+
+
+def clinical_mem_mb(wildcards, attempt):
+    """Memory (MB) of a clinical job: 16 bytes per voxel of the clinical grid (the LR in HU and
+    normalized, masks, a float slab), the grid an adult proximal femur box of 95 x 60 x 135 mm
+    (scaled as the synthetic anatomy) at the clinical voxel; at least 2 GB; doubled on each retry.
+    """
+    scale = config["synthetic"]["anatomy_scale"] * 1.1 if SYNTHETIC else 1.1
+    voxels = 95 * 60 * 135 * scale**3 / _CLIN_VOXEL**3
+    return int(max(2000, 16 * voxels / 1e6) * attempt)
+
+
+def clinical_sr_mem_mb(wildcards, attempt):
+    """Memory (MB) of SR on a clinical grid: torch and the model (4 GB) and the grid as for
+    clinical_mem_mb (input, output, sums over samples); doubled on each retry."""
+    return int((4000 + clinical_mem_mb(wildcards, 1)) * attempt)
+
+
+def clinical_evaluate_input(wildcards):
+    """The prepared folder and the model card; when the scan could be used (the checkpoint's
+    status), also the SR volume, its timing and samples, and the templates."""
+    folder = checkpoints.clinical_prepare.get(subject=wildcards.subject).output.folder
+    files = {"prepared": folder, "card": clinical_model("card")}
+    if femur_clinical.read_status(folder)["status"] == "ok":
+        sr = rules.clinical_sr.output
+        files.update(
+            sr=sr.volume.format(subject=wildcards.subject),
+            timing=sr.timing.format(subject=wildcards.subject),
+            samples=sr.samples.format(subject=wildcards.subject),
+            templates=clinical_model("templates"),
+        )
+    return files
+
+
+def clinical_targets():
+    """Every trained model as a portable folder; each clinical-only patient's metrics and summary
+    page, and the table of all of them."""
+    targets = []
+    if SR_MODELS:
+        targets += expand(
+            rules.clinical_export_model.output, model=SR_MODELS, dims=SR_DIMS
+        )
+    if CLINICAL:
+        targets += expand(
+            [
+                rules.clinical_evaluate.output.metrics,
+                rules.clinical_evaluate.output.pdf,
+                rules.clinical_evaluate.output.png,
+            ],
+            subject=CLINICAL,
+        )
+        targets += list(rules.clinical_table.output)
+    return targets

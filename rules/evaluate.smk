@@ -4,7 +4,8 @@
 # in every ROI, one tidy table per volume and one for all.
 
 
-rule select_templates:
+# a checkpoint: with automatic template labels, which subjects get labelled depends on its table
+checkpoint select_templates:
     input:
         masks=expand(rules.femur_mask.output.mask, subject=TEMPLATE_CANDIDATES),
     output:
@@ -22,6 +23,35 @@ rule select_templates:
         n_templates=N_TEMPLATES,
     script:
         "../workflow_scripts/select_templates.py"
+
+
+rule template_labels:
+    input:
+        mask=rules.femur_mask.output.mask,
+    output:
+        labels=f"{EVAL_ROOT}/templates/labels_{{subject}}.nii.gz",
+        geometry=f"{EVAL_ROOT}/templates/labels_{{subject}}.json",
+        png=report(
+            f"{EVAL_ROOT}/templates/labels_{{subject}}.png",
+            caption="../report/template_labels.rst",
+            category="ROI evaluation",
+            subcategory="template labels",
+            labels={"subject": "{subject}"},
+        ),
+    log:
+        "logs/evaluation/template_labels_{subject}.log",
+    benchmark:
+        "benchmarks/results/template_labels/{subject}.tsv"
+    conda:
+        "../envs/femursr.yaml"
+    threads: 1
+    resources:
+        mem_mb=evaluation_mem_mb,
+        runtime=30,
+    params:
+        options=EVAL["auto_labelling"],
+    script:
+        "../workflow_scripts/label_template.py"
 
 
 rule templates:
@@ -49,6 +79,7 @@ rule templates:
     params:
         subjects=TEMPLATE_CANDIDATES,
         label_maps=template_label_maps(),
+        auto_labels=AUTO_TEMPLATE_LABELS,
         points=EVAL["template_points"],
         surface_voxel_mm=EVAL["surface_voxel_mm"],
         seed=config["seed"],

@@ -37,9 +37,15 @@ rule results_tables:
             "results/image_quality.csv",
             caption="../report/image_quality.rst",
             category="Results",
+            subcategory="Tables",
+            labels={"table": "2. image quality (CSV)"},
         ),
         table1=report(
-            "results/table1.csv", caption="../report/table1.rst", category="Results"
+            "results/table1.csv",
+            caption="../report/table1.rst",
+            category="Results",
+            subcategory="Tables",
+            labels={"table": "3. Table 1, long form (CSV)"},
         ),
         markdown="results/table1.md",
         latex="results/table1.tex",
@@ -47,6 +53,8 @@ rule results_tables:
             "results/statistics.csv",
             caption="../report/statistics.rst",
             category="Results",
+            subcategory="Tables",
+            labels={"table": "4. statistics (CSV)"},
         ),
         summary="results/statistics_summary.csv",
     log:
@@ -62,3 +70,125 @@ rule results_tables:
         subjects=RESULT_SUBJECTS,
     script:
         "../workflow_scripts/results_tables.py"
+
+
+# Figures (paper Fig. 1 and the agreement behind Table 1): results/figures/. Figure 1 of any
+# test subject: `snakemake results/figures/figure1_{subject}.png`.
+rule figure1:
+    input:
+        unpack(figure1_input),
+    output:
+        png=report(
+            "results/figures/figure1_{subject}.png",
+            caption="../report/figure1.rst",
+            category="Results",
+            subcategory="Figure 1",
+            labels={"figure": "Figure 1", "subject": "{subject}"},
+        ),
+        view="results/figures/figure1_{subject}.json",
+    log:
+        "logs/figures/figure1_{subject}.log",
+    wildcard_constraints:
+        subject=one_of(RESULT_SUBJECTS),
+    conda:
+        "../envs/femursr.yaml"
+    threads: 1
+    resources:
+        mem_mb=figure_mem_mb,
+        runtime=20,
+    params:
+        methods=FIGURE_METHODS,
+        inset_mm=FIGURE_INSET_MM,
+    script:
+        "../workflow_scripts/figure1.py"
+
+
+rule figure_sample_sd:
+    input:
+        unpack(sample_sd_input),
+    output:
+        png=report(
+            "results/figures/sample_sd_{subject}.png",
+            caption="../report/sample_sd.rst",
+            category="Results",
+            subcategory="Figure 1",
+            labels={"figure": "SD across samples", "subject": "{subject}"},
+        ),
+    log:
+        "logs/figures/sample_sd_{subject}.log",
+    wildcard_constraints:
+        subject=one_of(RESULT_SUBJECTS),
+    conda:
+        "../envs/femursr.yaml"
+    threads: 1
+    resources:
+        mem_mb=figure_mem_mb,
+        runtime=20,
+    params:
+        methods=SAMPLED_SR,
+        inset_mm=FIGURE_INSET_MM,
+    script:
+        "../workflow_scripts/figure_sample_sd.py"
+
+
+rule agreement_plots:
+    input:
+        morphometry=rules.morphometry_table.output.table,
+    output:
+        scatter=report(
+            "results/figures/scatter_{method}.png",
+            caption="../report/scatter.rst",
+            category="Results",
+            subcategory="Agreement with the HR",
+            labels={"plot": "scatter", "method": "{method}"},
+        ),
+        bland_altman=report(
+            "results/figures/bland_altman_{method}.png",
+            caption="../report/bland_altman.rst",
+            category="Results",
+            subcategory="Agreement with the HR",
+            labels={"plot": "Bland-Altman", "method": "{method}"},
+        ),
+    log:
+        "logs/figures/agreement_{method}.log",
+    wildcard_constraints:
+        method=one_of(QUALITY_METHODS),
+    conda:
+        "../envs/femursr.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        subjects=RESULT_SUBJECTS,
+    script:
+        "../workflow_scripts/agreement_plots.py"
+
+
+rule results_page:
+    input:
+        quality=rules.results_tables.output.quality,
+        table1=rules.results_tables.output.table1,
+        statistics=rules.results_tables.output.statistics,
+        summary=rules.results_tables.output.summary,
+    output:
+        html=report(
+            "results/results.html",
+            caption="../report/results_page.rst",
+            category="Results",
+            subcategory="Tables",
+            labels={"table": "1. Table 1, image quality, statistics"},
+        ),
+    log:
+        "logs/results/page.log",
+    conda:
+        "../envs/femursr.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        statistics=config["statistics"],
+        subjects=RESULT_SUBJECTS,
+    script:
+        "../workflow_scripts/results_page.py"

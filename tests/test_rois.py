@@ -344,8 +344,8 @@ def test_evaluation_dag_has_every_volume_of_the_test_subjects(tmp_path):
     res = _dry_run(tmp_path, load_config())
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
-    # 5 test subjects: LR, HR and 4 SR variants each
-    for rule, n in (("bone_mask", 30), ("place_rois", 30), ("roi_morphometry", 30), ("templates", 1), ("roi_accuracy", 1)):
+    # 5 test subjects: LR, HR and the 8 SR variants (4 models x 2D, 2.5D) each
+    for rule, n in (("bone_mask", 50), ("place_rois", 50), ("roi_morphometry", 50), ("templates", 1), ("roi_accuracy", 1)):
         assert any(line.split()[:2] == [rule, str(n)] for line in out.splitlines()), (rule, n)
     assert "results/morphometry/HR/" in out and "results/morphometry/srgan_25d/" in out
 

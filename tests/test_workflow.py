@@ -17,7 +17,8 @@ def _write_config(tmp_path, cfg, name="config.yaml"):
     return p
 
 
-@pytest.mark.parametrize("name, n_subjects", [("config.yaml", 25), ("paper.yaml", 50)])
+# the demo: 25 paired subjects and 2 clinical-only patients (synthetic.n_clinical)
+@pytest.mark.parametrize("name, n_subjects", [("config.yaml", 27), ("paper.yaml", 50)])
 def test_dry_run_builds_the_dag(tmp_path, name, n_subjects):
     res = run_snakemake(["-n", "--configfile", str(REPO / "config" / name)], tmp_path)
     jobs = {}

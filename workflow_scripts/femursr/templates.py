@@ -9,8 +9,9 @@ templates, their labelled surface point clouds, and which template an evaluated 
 * :func:`label_points`: a region label per surface point from a label map (1 head, 2 neck,
   3 trochanter, 4 shaft, 0 elsewhere; :data:`femursr.geometry.REGION_NAMES`): the label of the
   nearest labelled voxel. The label map may be on any grid of the same physical (LPS) space as the
-  template's HR: the synthetic truth (``truth/regions.nii.gz``), or a segmentation made in
-  3D Slicer and exported as a label map (NIfTI or NRRD).
+  template's HR: the synthetic truth (``truth/regions.nii.gz``), a segmentation made in
+  3D Slicer and exported as a label map (NIfTI or NRRD), or the automatic labels of the
+  template's femur mask (:func:`femursr.labelling.label_femur`, rule ``template_labels``).
 * :func:`build_template`, :func:`save_templates`, :func:`load_templates`: the labelled clouds of
   all templates in one ``.npz`` file; :func:`nearest_template`: the template nearest in bone
   volume to an evaluated volume; :func:`templates_figure`: the labelled templates, for a person
