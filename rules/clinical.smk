@@ -25,6 +25,7 @@ rule clinical_export_model:
         mem_mb=2000,
         runtime=10,
     params:
+        code=code_version("clinical_export_model"),
         method="{model}_{dims}",
         samples=sr_samples,
         normalization=config["preprocessing"]["normalize"],
@@ -55,6 +56,7 @@ checkpoint clinical_prepare:
         mem_mb=clinical_mem_mb,
         runtime=30,
     params:
+        code=code_version("clinical_prepare"),
         threshold=MASK["threshold"],
         resampling=config["preprocessing"]["resampling"],
         options=CLINICAL_PREPARE_OPTIONS,
@@ -86,6 +88,7 @@ rule clinical_sr:
         runtime=120,
         gpu=sr_gpu,
     params:
+        code=code_version("clinical_sr", *SR_MODEL_MODULES),
         options=SR_INFER_OPTIONS,
         seed=config["seed"],
     script:
@@ -118,6 +121,7 @@ rule clinical_evaluate:
         mem_mb=clinical_mem_mb,
         runtime=30,
     params:
+        code=code_version("clinical_evaluate"),
         evaluation=CLINICAL_EVAL_OPTIONS,
         seed=config["seed"],
     script:
@@ -141,5 +145,7 @@ rule clinical_table:
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        code=code_version("clinical_table"),
     script:
         "../workflow_scripts/clinical_table.py"

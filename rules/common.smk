@@ -6,6 +6,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow_scripts"))
 
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
+
+from femursr import provenance  # noqa: E402
+
+SCRIPTS = Path(workflow.basedir) / "workflow_scripts"
+
+
+@functools.cache
+def code_version(script, *modules):
+    """A hash of workflow_scripts/<script>.py and of every femursr module it imports
+    (transitively), plus ``modules``: each rule's ``code`` param, so that editing a module of the
+    package reruns the rules that run it and what depends on them, and nothing else."""
+    return provenance.code_version(SCRIPTS, SCRIPTS / f"{script}.py", modules)
+
 
 from femursr.cohort import CohortError, load_subjects, synthetic_ids  # noqa: E402
 from femursr import nnunet as femur_nnunet  # noqa: E402
@@ -121,6 +135,15 @@ def preprocess_mem_mb(wildcards, input, attempt):
     """Memory (MB) of a preprocessing job: eight times its inputs (float copies, B-spline
     coefficients), at least 2 GB; doubled on each retry."""
     return int(max(2000, 8 * sum(_size_mb(p) for p in input)) * attempt)
+
+
+# what one synthetic subject's scans and truth depend on: not the number of subjects (adding
+# subjects to the cohort does not redraw those already there)
+SYNTH_SUBJECT_PARAMS = {
+    k: v
+    for k, v in config["synthetic"].items()
+    if k not in ("n_subjects", "n_clinical")
+}
 
 
 def synthetic_outputs(name):
@@ -309,6 +332,7 @@ def nnunet_train_runtime(wildcards, attempt):
 # the trained models are applied to; rule `split` writes the same split to results/split.tsv.
 # The registry is read without importing torch.
 from femursr.split import SplitError, split_subjects  # noqa: E402
+from femursr.sr.registry import AUXILIARY as SR_AUXILIARY  # noqa: E402
 from femursr.sr.registry import MODELS as SR_REGISTRY  # noqa: E402
 
 TRAINING = config["training"]
@@ -408,6 +432,29 @@ def sr_autoencoder_weights(wildcards):
     return rules.train_autoencoder.output.weights.format(
         autoencoder=SR_AUTOENCODER[wildcards.model]
     )
+
+
+def sr_model_module(name):
+    """The femursr module of a registered model (the registry names them as "module:Class")."""
+    target = SR_REGISTRY.get(name) or SR_AUXILIARY[name]
+    return f"femursr.sr.{target.split(':')[0]}"
+
+
+# every SR model's module: the code of rules that may run any of them
+SR_MODEL_MODULES = tuple(sorted({sr_model_module(m) for m in SR_REGISTRY}))
+
+
+def sr_train_code(wildcards):
+    """``code`` param of the training rules: the script and machinery, plus the module of the
+    model trained (the registry imports it by name at run time, out of the import graph's
+    sight), so that editing one model's code retrains that model only."""
+    model = wildcards.get("model", "autoencoder")
+    return code_version("train_sr", sr_model_module(model))
+
+
+def sr_infer_code(wildcards):
+    """``code`` param of the inference rules (see sr_train_code)."""
+    return code_version("sr_infer", sr_model_module(wildcards.model))
 
 
 def sr_samples(wildcards):
@@ -736,6 +783,7 @@ def results_targets():
 # the branch as well, their HR unused: a check against the paired evaluation). The model they get
 # is clinical.model (trained here and exported as a portable folder) or clinical.model_dir.
 from femursr import clinical as femur_clinical  # noqa: E402
+from femursr import portable as femur_portable  # noqa: E402
 from snakemake.logging import logger  # noqa: E402
 
 CLINICAL_CFG = config["clinical"]
@@ -774,7 +822,7 @@ if CLINICAL_MODEL_DIR and CLINICAL_CFG["model"]:
 CLINICAL_CARD = None
 if CLINICAL_MODEL_DIR:
     try:
-        CLINICAL_CARD = femur_clinical.check_model_folder(CLINICAL_MODEL_DIR)
+        CLINICAL_CARD = femur_portable.check_model_folder(CLINICAL_MODEL_DIR)
     except (FileNotFoundError, ValueError) as err:
         raise WorkflowError(f"{_CLIN_KEY}.model_dir: {err}") from None
     CLINICAL_METHOD = CLINICAL_CARD["method"]
@@ -813,7 +861,7 @@ def clinical_model(name):
     """A file of the portable model the clinical branch applies: generator, card or templates
     (clinical.model_dir, or the export of the model trained here)."""
     if CLINICAL_MODEL_DIR:
-        files = {"card": femur_clinical.CARD, **CLINICAL_CARD["files"]}
+        files = {"card": femur_portable.CARD, **CLINICAL_CARD["files"]}
         return str(Path(CLINICAL_MODEL_DIR) / files[name])
     if CLINICAL_METHOD is None:
         return []

@@ -19,6 +19,7 @@ checkpoint select_templates:
         mem_mb=templates_mem_mb,
         runtime=20,
     params:
+        code=code_version("select_templates"),
         subjects=TEMPLATE_CANDIDATES,
         n_templates=N_TEMPLATES,
     script:
@@ -49,6 +50,7 @@ rule template_labels:
         mem_mb=evaluation_mem_mb,
         runtime=30,
     params:
+        code=code_version("label_template"),
         options=EVAL["auto_labelling"],
     script:
         "../workflow_scripts/label_template.py"
@@ -77,6 +79,7 @@ rule templates:
         mem_mb=templates_mem_mb,
         runtime=30,
     params:
+        code=code_version("build_templates"),
         subjects=TEMPLATE_CANDIDATES,
         label_maps=template_label_maps(),
         auto_labels=AUTO_TEMPLATE_LABELS,
@@ -105,6 +108,7 @@ rule bone_mask:
         mem_mb=evaluation_mem_mb,
         runtime=20,
     params:
+        code=code_version("bone_mask"),
         options=EVAL["bone_mask"],
     script:
         "../workflow_scripts/bone_mask.py"
@@ -134,6 +138,7 @@ rule place_rois:
         mem_mb=evaluation_mem_mb,
         runtime=30,
     params:
+        code=code_version("place_rois"),
         options=ROI_OPTIONS,
         seed=config["seed"],
     script:
@@ -158,6 +163,7 @@ rule roi_morphometry:
         mem_mb=evaluation_mem_mb,
         runtime=20,
     params:
+        code=code_version("roi_morphometry"),
         context_mm=EVAL["context_mm"],
     script:
         "../workflow_scripts/roi_morphometry.py"
@@ -186,6 +192,8 @@ rule morphometry_table:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        code=code_version("morphometry_table"),
     script:
         "../workflow_scripts/morphometry_table.py"
 
@@ -212,6 +220,7 @@ rule roi_accuracy:
         mem_mb=4000,
         runtime=20,
     params:
+        code=code_version("roi_accuracy"),
         subjects=EVAL_SUBJECTS,
     script:
         "../workflow_scripts/roi_accuracy.py"

@@ -20,6 +20,7 @@ rule nnunet_dataset:
         mem_mb=largest_input_mem_mb,
         runtime=60,
     params:
+        code=code_version("nnunet_dataset"),
         cases=nnunet_case_ids(),
         # synthetic subjects: the truth folder holds the LR-grid femur mask under this name
         mask_in_folder="" if NNUNET_CASES else "femur_mask_lr.nii.gz",
@@ -45,6 +46,7 @@ rule nnunet_plan:
         mem_mb=8000,
         runtime=60,
     params:
+        code=code_version("nnunet_plan"),
         dataset_id=NNUNET["dataset_id"],
         configuration=NNUNET["configuration"],
     script:
@@ -68,6 +70,7 @@ rule nnunet_train:
         runtime=nnunet_train_runtime,
         gpu=nnunet_gpu,
     params:
+        code=code_version("nnunet_train"),
         dataset_id=NNUNET["dataset_id"],
         options=NNUNET_TRAIN_OPTIONS,
     script:

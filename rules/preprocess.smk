@@ -17,6 +17,7 @@ rule import_scan:
         mem_mb=preprocess_mem_mb,
         runtime=20,
     params:
+        code=code_version("import_scan"),
         series_uid=series_uid,
         options=config["preprocessing"]["import"],
     script:
@@ -48,6 +49,7 @@ rule register:
         mem_mb=preprocess_mem_mb,
         runtime=30,
     params:
+        code=code_version("register"),
         options=config["preprocessing"]["registration"],
     script:
         "../workflow_scripts/register.py"
@@ -71,6 +73,7 @@ rule resample_lr:
         mem_mb=preprocess_mem_mb,
         runtime=30,
     params:
+        code=code_version("resample_lr"),
         options=config["preprocessing"]["resampling"],
     script:
         "../workflow_scripts/resample_lr.py"
@@ -93,6 +96,7 @@ rule femur_mask:
         runtime=30,
         gpu=nnunet_predict_gpu,
     params:
+        code=code_version("femur_mask"),
         options=MASK_OPTIONS,
     script:
         "../workflow_scripts/femur_mask.py"
@@ -115,6 +119,7 @@ rule normalize:
         mem_mb=preprocess_mem_mb,
         runtime=20,
     params:
+        code=code_version("normalize"),
         options=config["preprocessing"]["normalize"],
     script:
         "../workflow_scripts/normalize.py"
@@ -141,6 +146,7 @@ rule preprocessing_accuracy:
         mem_mb=2000,
         runtime=10,
     params:
+        code=code_version("preprocessing_accuracy"),
         subjects=PAIRED,
     script:
         "../workflow_scripts/preprocessing_accuracy.py"

@@ -19,6 +19,7 @@ rule image_quality:
         mem_mb=preprocess_mem_mb,
         runtime=60,
     params:
+        code=code_version("image_quality"),
         options=QUALITY_OPTIONS,
     script:
         "../workflow_scripts/image_quality.py"
@@ -66,6 +67,7 @@ rule results_tables:
         mem_mb=2000,
         runtime=10,
     params:
+        code=code_version("results_tables"),
         statistics=config["statistics"],
         subjects=RESULT_SUBJECTS,
     script:
@@ -97,6 +99,7 @@ rule figure1:
         mem_mb=figure_mem_mb,
         runtime=20,
     params:
+        code=code_version("figure1"),
         methods=FIGURE_METHODS,
         inset_mm=FIGURE_INSET_MM,
     script:
@@ -125,6 +128,7 @@ rule figure_sample_sd:
         mem_mb=figure_mem_mb,
         runtime=20,
     params:
+        code=code_version("figure_sample_sd"),
         methods=SAMPLED_SR,
         inset_mm=FIGURE_INSET_MM,
     script:
@@ -160,6 +164,7 @@ rule agreement_plots:
         mem_mb=2000,
         runtime=10,
     params:
+        code=code_version("agreement_plots"),
         subjects=RESULT_SUBJECTS,
     script:
         "../workflow_scripts/agreement_plots.py"
@@ -188,6 +193,7 @@ rule results_page:
         mem_mb=1000,
         runtime=5,
     params:
+        code=code_version("results_page"),
         statistics=config["statistics"],
         subjects=RESULT_SUBJECTS,
     script:

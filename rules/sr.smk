@@ -17,6 +17,7 @@ rule split:
         mem_mb=1000,
         runtime=5,
     params:
+        code=code_version("split"),
         subjects=PAIRED,
         fractions=config["split"],
         seed=config["seed"],
@@ -56,6 +57,7 @@ rule train_autoencoder:
         runtime=TRAINING["runtime_min"],
         gpu=sr_gpu,
     params:
+        code=sr_train_code,
         name="autoencoder",
         model=lookup(dpath="models/{autoencoder}", within=config),
         training=SR_TRAIN_OPTIONS,
@@ -98,6 +100,7 @@ rule train_sr:
         runtime=TRAINING["runtime_min"],
         gpu=sr_gpu,
     params:
+        code=sr_train_code,
         name="{model}",
         model=sr_model_params,
         training=SR_TRAIN_OPTIONS,
@@ -131,6 +134,7 @@ rule sr_infer:
         runtime=120,
         gpu=sr_gpu,
     params:
+        code=sr_infer_code,
         options=SR_INFER_OPTIONS,
         samples=1,
         seed=config["seed"],
@@ -152,6 +156,7 @@ use rule sr_infer as sr_infer_sampled with:
     wildcard_constraints:
         model=one_of(SR_SAMPLED),
     params:
+        code=sr_infer_code,
         options=SR_INFER_OPTIONS,
         samples=sr_samples,
         seed=config["seed"],

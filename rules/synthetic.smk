@@ -18,11 +18,33 @@ rule synthesize_subject:
         mem_mb=synthesize_mem_mb,
         runtime=20,
     params:
-        synthetic=config["synthetic"],
+        code=code_version("synthesize_subject"),
+        synthetic=SYNTH_SUBJECT_PARAMS,
         seed=config["seed"],
         index=subject_index,
     script:
         "../workflow_scripts/synthesize_subject.py"
+
+
+rule truth_morphometry:
+    input:
+        truth=rules.synthesize_subject.output.truth,
+    output:
+        table=f"{SYNTH_ROOT}/{{subject}}/truth_morphometry.tsv",
+    log:
+        "logs/synthetic/truth_morphometry_{subject}.log",
+    benchmark:
+        "benchmarks/results/truth_morphometry/{subject}.tsv"
+    conda:
+        "../envs/femursr.yaml"
+    threads: 1
+    resources:
+        mem_mb=synthesize_mem_mb,
+        runtime=20,
+    params:
+        code=code_version("truth_morphometry"),
+    script:
+        "../workflow_scripts/truth_morphometry.py"
 
 
 rule synthesize_cohort:
@@ -30,6 +52,7 @@ rule synthesize_cohort:
         lr=synthetic_outputs("lr"),
         hr=synthetic_outputs("hr"),
         truth=synthetic_outputs("truth"),
+        truth_tables=expand(rules.truth_morphometry.output.table, subject=SUBJECTS),
     output:
         sheet=f"{SYNTH_ROOT}/subjects.tsv",
         morphometry=report(
@@ -57,6 +80,7 @@ rule synthesize_cohort:
         mem_mb=2000,
         runtime=10,
     params:
+        code=code_version("synthesize_cohort"),
         subjects=SUBJECTS,
         preview_subject=SUBJECTS[0],
     script:

@@ -56,3 +56,15 @@ def small_subject(tmp_path_factory):
     rec = synthesize_subject("S001", 1, cfg["synthetic"], cfg["seed"], root / "lr", root / "hr", root / "truth")
     yield rec, root / "lr", root / "hr", root / "truth", cfg
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Torch on one thread for a test module: tiny convolutions are far faster on one thread
+    than on two (OpenMP overhead), the more so on a shared machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

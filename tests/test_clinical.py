@@ -16,6 +16,7 @@ import yaml
 from torch import nn
 
 from femursr import clinical as C
+from femursr import portable as P
 from femursr.geometry import REGION_IDS
 from femursr.imaging import import_to_file
 from femursr.masks import dice
@@ -30,12 +31,8 @@ from conftest import REPO, load_config, run_snakemake, small_synthetic
 RESAMPLING = {"interpolator": "bspline", "default_hu": -1000}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny convolutions run faster on one thread than on two (OpenMP overhead)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # ------------------------------------------------------------------ shapes with known answers
@@ -60,7 +57,7 @@ def test_fit_sphere_recovers_centre_and_radius():
     rng = np.random.default_rng(0)
     d = rng.normal(size=(500, 3))
     pts = np.array([3.0, -2.0, 7.5]) + 11.0 * d / np.linalg.norm(d, axis=1, keepdims=True)
-    c, r = C.fit_sphere(pts + 0.01 * rng.normal(size=pts.shape))
+    c, r = P.fit_sphere(pts + 0.01 * rng.normal(size=pts.shape))
     assert np.allclose(c, [3.0, -2.0, 7.5], atol=0.01) and abs(r - 11.0) < 0.01
 
 
@@ -161,7 +158,7 @@ def _template(subject, radius, reach, n=400, seed=0):
 
 
 def test_template_reach_in_head_radii():
-    reach = C.template_reach([_template("A", 10.0, 50.0), _template("B", 8.0, 48.0), _template("C", 12.0, 54.0)])
+    reach = P.template_reach([_template("A", 10.0, 50.0), _template("B", 8.0, 48.0), _template("C", 12.0, 54.0)])
     assert [round(p["reach_head_radii"], 6) for p in reach["per_template"]] == [5.0, 6.0, 4.5]
     assert reach["reach_head_radii"] == pytest.approx(5.0)
     assert reach["per_template"][1]["head_radius_mm"] == pytest.approx(8.0)
@@ -187,7 +184,7 @@ def _export(tmp_path, templates, train_volume, samples=1):
               "validation_patches": 2}  # fmt: skip
     (tmp_path / "record.json").write_text(json.dumps(record))
     out = tmp_path / "portable"
-    card = C.export_model(
+    card = P.export_model(
         generator=tmp_path / "generator.pt", record=tmp_path / "record.json", templates=templates, train_volumes=[train_volume],
         out_generator=out / "generator.pt", out_card=out / "model.json", out_templates=out / "templates.npz", method="srgan_2d",
         normalization={"lr_window_hu": [-200, 1800], "hr_window_hu": [-200, 1800]}, evaluation={"roi_edge_vox": 40},
@@ -210,8 +207,8 @@ def test_portable_model_folder_runs_without_the_training_files(tmp_path):
     shutil.rmtree(out)
     for name in ("generator.pt", "record.json", "templates.npz", "S002_femur.nii.gz"):
         (tmp_path / name).unlink()
-    assert C.check_model_folder(moved) == card
-    assert C.file_sha256(moved / "generator.pt") == card["generator_sha256"]
+    assert P.check_model_folder(moved) == card
+    assert P.file_sha256(moved / "generator.pt") == card["generator_sha256"]
     back = load_generator(moved / card["files"]["generator"])
     x = torch.rand(2, 1, 24, 24)
     with torch.no_grad():
@@ -220,12 +217,12 @@ def test_portable_model_folder_runs_without_the_training_files(tmp_path):
     # what a broken folder says
     (moved / "templates.npz").unlink()
     with pytest.raises(FileNotFoundError, match="templates.npz is missing; copy the whole portable model folder"):
-        C.check_model_folder(moved)
+        P.check_model_folder(moved)
     (moved / "model.json").write_text(json.dumps({"format": 99}))
     with pytest.raises(ValueError, match="not a femursr model card of format 1"):
-        C.read_card(moved / "model.json")
+        P.read_card(moved / "model.json")
     with pytest.raises(FileNotFoundError, match="the portable model folder does not exist"):
-        C.check_model_folder(tmp_path / "nowhere")
+        P.check_model_folder(tmp_path / "nowhere")
 
 
 # ------------------------------------------------------------------ a synthetic patient
@@ -240,7 +237,7 @@ def patient(small_subject, tmp_path_factory):
     save_templates([tpl], root / "templates.npz")
     card = {"format": 1, "method": "srgan_2d", "model": "srgan", "dims": "2d", "samples": 1, "voxel_mm": 0.25,
             "normalization": {"lr_window_hu": [-200.0, 1800.0]}, "files": {"generator": "generator.pt", "templates": "templates.npz"},
-            "templates": {"side": "left", "subjects": ["S001"], **C.template_reach([tpl])},
+            "templates": {"side": "left", "subjects": ["S001"], **P.template_reach([tpl])},
             "training": {"cohort": "synthetic", "train_subjects": ["S001"], "validation_subjects": [], "steps": 0, "device": "cpu"},
             "validation": {}, "validation_patches": 0}  # fmt: skip
     (root / "model.json").write_text(json.dumps(card))
@@ -455,7 +452,8 @@ def test_clinical_branch_against_the_paired_evaluation_of_the_same_subject(tmp_p
     0.011, 0.0001, Tb.Th 0.013, 0.009, 0.000 mm, Tb.Sp 0.015, 0.265, 0.194 mm; the placement alone
     changes the paired Tb.Sp by 0.006, 0.266, 0.214 mm; residuals at most 0.006 (BV/TV) and
     0.023 mm (Tb.Th, Tb.Sp)."""
-    from femursr.rois import roi_boxes, roi_morphometry
+    from femursr.roimetrics import roi_morphometry
+    from femursr.rois import roi_boxes
     from femursr.split import split_subjects
 
     cfg = small_synthetic(n_subjects=3, scale=0.45, voxel=0.3)

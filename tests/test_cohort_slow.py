@@ -35,7 +35,8 @@ def test_default_cohort_truth_matches_paper_ranges(tmp_path):
 def test_paper_config_network_at_82um_matches_paper_means():
     """The paper config's trabecular network, sampled at 82 um in 8 mm cubes at the region centres
     of 6 subjects: cohort means within one paper SD (Tb.Sp of the neck, SD 6 mm, within 0.5 SD)."""
-    from femursr.phantom import PAPER_HR, region_block_morphometry
+    from femursr.phantom import PAPER_HR
+    from femursr.truth import region_block_morphometry
 
     from conftest import load_config
 

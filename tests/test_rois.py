@@ -24,7 +24,8 @@ from femursr.pointcloud import (
     rotation_error_deg,
     transfer_labels,
 )
-from femursr.rois import ROI_REGIONS, roi_boxes, roi_morphometry, truth_centre_errors
+from femursr.roimetrics import roi_morphometry
+from femursr.rois import ROI_REGIONS, roi_boxes, truth_centre_errors
 from femursr.templates import Template, build_template, label_points, nearest_template, select_templates
 from femursr.volume import Volume
 from femursr.workflow import mock_snakemake

@@ -1,8 +1,9 @@
 """The SLURM profile (issue 8).
 
 Default suite (seconds): the test profile is profiles/slurm-h100 with only its site values
-changed, the H100 profile sends every rule that declares a GPU to the GPU partition, and both
-profiles are valid Snakemake options.
+changed, the H100 profile sends every rule that declares a GPU to the GPU partition, the
+workstation profile runs one GPU job at a time, and the SLURM profiles are valid Snakemake
+options.
 
 `pytest -m slurm` (root, FEMURSR_SLURM_TEST=1; CI does this): tests/slurm/setup_slurm.sh installs
 and starts a one-node SLURM with accounting, and a part of the demo (two subjects through
@@ -108,6 +109,12 @@ def test_h100_profile_sends_every_gpu_rule_to_the_gpu_partition():
             assert rule in gpu_rules, f"profiles/slurm-h100: {rule} gets a GPU model but declares no gpu"
     assert "gpu" not in prof["default-resources"] and "gpu_model" not in prof["default-resources"]
     assert prof["slurm-requeue"] is True and prof["retries"] >= 1
+
+
+def test_workstation_profile_uses_all_cores_and_one_gpu_at_a_time():
+    prof = _profile(REPO / "profiles" / "default" / "config.yaml")
+    assert prof["cores"] == "all" and prof["resources"] == {"gpu": 1}
+    assert "executor" not in prof
 
 
 @pytest.mark.parametrize("profile", [H100.parent, TEST_PROFILE])
@@ -344,4 +351,5 @@ def test_demo_part_runs_through_slurm_like_a_local_run(slurm_cluster, tmp_path):
     assert any(f.suffix == ".pt" for f in files) and any(f.name.endswith(".nii.gz") for f in files)
     differ = [str(f) for f in files if not _same_output(local / f, cluster / f, local, cluster)]
     assert not differ, f"outputs of the SLURM run differ from the local run's: {differ}"
-    print(f"local run {t_local:.0f} s, SLURM run and checks {time.time() - t0 - t_local:.0f} s, {len(files)} output files equal")
+    print(f"local run {t_local:.0f} s, SLURM run and checks {time.time() - t0 - t_local:.0f} s; training requeued at step "
+          f"{rec['resumed_from_step']} of {rec['steps']} and resumed; {len(files)} output files equal to the local run's")

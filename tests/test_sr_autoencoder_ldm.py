@@ -33,12 +33,8 @@ TINY_UNET = {"block_out_channels": [32, 32], "layers_per_block": 1, "attention_l
 TINY_DISC = {"features": 8, "layers": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny convolutions run faster on one thread than on two (OpenMP overhead)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _pattern(n=2, size=32):

@@ -24,14 +24,8 @@ from femursr.volume import Volume, read_volume, write_volume
 FRACTIONS = {"train": 0.6, "validation": 0.2, "test": 0.2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions are far faster on one thread than on two (OpenMP overhead), the more so
-    on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny convolutions run faster on one thread than on two (OpenMP overhead)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # ------------------------------------------------------------------ a tiny model
@@ -621,7 +615,7 @@ def test_split_rule_writes_the_split_that_the_dag_uses(tmp_path):
     jobs = _job_counts(dry.stdout)
     want = split_subjects([f"S{i:03d}" for i in range(1, 7)], cfg["split"], cfg["seed"])
     n_test = len(want.part("test"))
-    # resshift draws 3 samples per slice in the demo config: its volumes come from sr_infer_sampled
+    # resshift draws 2 samples per slice in the demo config: its volumes come from sr_infer_sampled
     assert (jobs["split"], jobs["train_autoencoder"], jobs["train_sr"], jobs["sr_infer"], jobs["sr_infer_sampled"]) == (1, 1, 8, 6 * n_test, 2 * n_test)
     for s in want.part("test"):
         assert f"results/sr/realesrgan_25d/{s}.nii.gz" in dry.stdout

@@ -24,12 +24,8 @@ TINY_NET = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny convolutions run faster on one thread than on two (OpenMP overhead)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def tiny_params(**kw):

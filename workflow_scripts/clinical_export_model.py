@@ -6,7 +6,7 @@ from femursr.workflow import limit_threads, script_logging
 
 limit_threads(snakemake.threads)  # noqa: F821  (before numpy is imported)
 
-from femursr.clinical import export_model
+from femursr.portable import export_model
 
 with script_logging(snakemake.log[0]) as log:  # noqa: F821
     sm = snakemake  # noqa: F821

@@ -1,6 +1,6 @@
 """Rule roi_morphometry: BV/TV, Tb.Th, Tb.Sp and Tb.N (= 1 / (Tb.Th + Tb.Sp), the study's
 convention) in the head, neck and trochanter ROIs of one evaluated volume, exact Hildebrand local
-thickness in mm on each ROI with a margin of context (femursr.rois.roi_morphometry); one tidy
+thickness in mm on each ROI with a margin of context (femursr.roimetrics.roi_morphometry); one tidy
 table (subject, method, region, metric, value, unit, definition)."""
 
 import json
@@ -12,7 +12,8 @@ limit_threads(snakemake.threads)  # noqa: F821  (before numpy is imported)
 import numba
 
 from femursr.atomic import write_tsv
-from femursr.rois import Roi, roi_morphometry, tidy_rows
+from femursr.roimetrics import roi_morphometry, tidy_rows
+from femursr.rois import Roi
 from femursr.volume import read_volume
 
 numba.set_num_threads(max(1, min(snakemake.threads, numba.config.NUMBA_NUM_THREADS)))  # noqa: F821

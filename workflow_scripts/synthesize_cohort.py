@@ -13,6 +13,7 @@ with script_logging(snakemake.log[0]):  # noqa: F821 (snakemake is injected)
         lr_dirs=sm.input.lr,
         hr_dirs=sm.input.hr,
         truth_dirs=sm.input.truth,
+        truth_tables=sm.input.truth_tables,
         sheet=sm.output.sheet,
         morphometry=sm.output.morphometry,
         summary=sm.output.summary,

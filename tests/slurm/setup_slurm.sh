@@ -16,7 +16,8 @@
 # plugin polls sacct whenever it exists) and the account `femursr` can be checked.
 #
 # Idempotent: a second call with everything running only prints the state. PIDs of what it
-# started go to $FEMURSR_SLURM_DIR/pids; tests/slurm/stop_slurm.sh stops exactly those.
+# started go to $FEMURSR_SLURM_DIR/pids; tests/slurm/stop_slurm.sh stops exactly those, and
+# removes the packages again if this script installed them (see there why).
 # Needs root (apt-get, daemons, /etc/slurm). About a minute with the installation, seconds after.
 set -euo pipefail
 
@@ -45,12 +46,14 @@ for exe in slurmctld slurmd sbatch sacct slurmdbd munged mariadbd mariadb-instal
 done
 if [ -n "$missing" ]; then
     say "installing $PACKAGES (missing:$missing)"
+    mkdir -p "$STATE"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q --no-install-recommends $PACKAGES >"/tmp/femursr-slurm-apt.log" 2>&1 || {
-        apt-get update -q >>"/tmp/femursr-slurm-apt.log" 2>&1
-        apt-get install -y -q --no-install-recommends $PACKAGES >>"/tmp/femursr-slurm-apt.log" 2>&1 ||
-            die "apt-get install $PACKAGES failed; see /tmp/femursr-slurm-apt.log"
+    apt-get install -y -q --no-install-recommends $PACKAGES >"$STATE/apt-install.log" 2>&1 || {
+        apt-get update -q >>"$STATE/apt-install.log" 2>&1
+        apt-get install -y -q --no-install-recommends $PACKAGES >>"$STATE/apt-install.log" 2>&1 ||
+            die "apt-get install $PACKAGES failed; see $STATE/apt-install.log"
     }
+    echo "$PACKAGES" >"$STATE/installed_packages"  # stop_slurm.sh removes them again
     say "installed: $(dpkg-query -W -f='${Package} ${Version}; ' slurmctld slurmdbd munge mariadb-server)"
 else
     say "packages already installed: $(dpkg-query -W -f='${Package} ${Version}; ' slurmctld slurmdbd munge mariadb-server 2>/dev/null)"
@@ -76,7 +79,7 @@ if [ -f "$PIDS" ]; then
         exit 0
     fi
     say "a previous start is incomplete; stopping what is left of it"
-    "$HERE/stop_slurm.sh"
+    FEMURSR_SLURM_KEEP_PACKAGES=1 "$HERE/stop_slurm.sh"
 fi
 
 for port in $DB_PORT $CTLD_PORT $SLURMD_PORT $DBD_PORT; do
@@ -90,7 +93,12 @@ if [ -f "$ETC/slurm.conf" ] && ! head -1 "$ETC/slurm.conf" | grep -qx "$MARK"; t
 fi
 mkdir -p "$ETC" "$STATE"/{log,run,ctld,spool,munge,mysql}
 : >"$PIDS"
-record() { echo "$1 $2" >>"$PIDS"; say "started $1 (PID $2)"; }
+record() {  # record NAME PIDFILE: the daemon's PID, once it has written it
+    local pid
+    pid=$(pid_from "$2") || exit 1
+    echo "$1 $pid" >>"$PIDS"
+    say "started $1 (PID $pid)"
+}
 
 # wait_for SECONDS WHAT COMMAND...: run COMMAND until it succeeds
 wait_for() {
@@ -123,7 +131,7 @@ rm -f "$STATE/munge/munged.pid" "$MUNGE_SOCKET"
 runuser -u munge -- munged --socket="$MUNGE_SOCKET" --key-file="$STATE/munge/munge.key" \
     --pid-file="$STATE/munge/munged.pid" --log-file="$STATE/munge/munged.log" \
     --seed-file="$STATE/munge/munged.seed"
-record munged "$(pid_from "$STATE/munge/munged.pid")"
+record munged "$STATE/munge/munged.pid"
 wait_for 15 munged sh -c "munge -n -S '$MUNGE_SOCKET' | unmunge -S '$MUNGE_SOCKET'"
 
 # ------------------------------------------------------------------------------ MariaDB
@@ -137,7 +145,7 @@ rm -f "$STATE/mysql/mariadbd.pid"
 setsid mariadbd --no-defaults --user=mysql --datadir="$STATE/mysql/data" --socket="$DB_SOCKET" \
     --pid-file="$STATE/mysql/mariadbd.pid" --port="$DB_PORT" --bind-address=127.0.0.1 \
     --log-error="$STATE/mysql/mariadbd.log" --innodb-buffer-pool-size=64M </dev/null >/dev/null 2>&1 &
-record mariadbd "$(pid_from "$STATE/mysql/mariadbd.pid")"
+record mariadbd "$STATE/mysql/mariadbd.pid"
 wait_for 60 mariadbd mariadb-admin --no-defaults --socket="$DB_SOCKET" ping
 DB_PASS=$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
 mariadb --no-defaults --socket="$DB_SOCKET" -u root <<SQL
@@ -226,18 +234,18 @@ chmod 0600 "$ETC/slurmdbd.conf"
 # ------------------------------------------------------------------------------ SLURM daemons
 rm -f "$STATE"/run/*.pid
 slurmdbd
-record slurmdbd "$(pid_from "$STATE/run/slurmdbd.pid")"
+record slurmdbd "$STATE/run/slurmdbd.pid"
 wait_for 60 slurmdbd sacctmgr -n list cluster
 sacctmgr -i add cluster "$CLUSTER" >/dev/null 2>&1 || true
 sacctmgr -i add account "$ACCOUNT" Description="femursr tests" Organization=femursr >/dev/null 2>&1 || true
 sacctmgr -i add user root Account="$ACCOUNT" >/dev/null 2>&1 || true
 
 slurmctld
-record slurmctld "$(pid_from "$STATE/run/slurmctld.pid")"
+record slurmctld "$STATE/run/slurmctld.pid"
 wait_for 60 slurmctld scontrol ping
 
 slurmd
-record slurmd "$(pid_from "$STATE/run/slurmd.pid")"
+record slurmd "$STATE/run/slurmd.pid"
 wait_for 60 "node $HOST (idle)" sh -c "sinfo -h -n '$HOST' -o %T | grep -qx idle"
 
 say "cluster $CLUSTER is up: configuration in $ETC, state in $STATE, PIDs in $PIDS"

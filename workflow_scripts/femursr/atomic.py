@@ -4,6 +4,7 @@ target, then rename into place (atomic on one file system). On error the tempora
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -62,3 +63,12 @@ def write_tsv(df, path: str | os.PathLike, **kw) -> None:
     kw.setdefault("sep", "\t")
     with atomic_file(path) as tmp:
         df.to_csv(tmp, index=False, **kw)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -13,7 +13,8 @@ is sampled twice:
   and given spatially correlated noise at the configured SNR in the femur.
 
 The truth (tissue and region maps on the HR grid, the femur mask on both grids, the rigid pose
-HR -> LR, and Hildebrand morphometry per region) is written beside the DICOM series.
+HR -> LR) is written beside the DICOM series; its Hildebrand morphometry per region is
+:mod:`femursr.truth` (rule truth_morphometry).
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ from scipy.ndimage import gaussian_filter
 
 from .atomic import atomic_dir, replace_dir, write_tsv
 from .dicomio import write_ct_series
-from .geometry import REGION_IDS, REGION_NAMES, Body, FemurShape, Pelvis, rotation_angle_deg, rotation_matrix
-from .morphometry import morphometry
+from .geometry import REGION_IDS, Body, FemurShape, Pelvis, rotation_angle_deg, rotation_matrix
 from .trabecular import RegionStructure, TrabecularNetwork, blended_structure
 from .volume import Volume, slab_ranges, slab_thickness, write_volume
 
@@ -310,23 +310,6 @@ def render_lr(subj: Subject, cfg: dict, rng: np.random.Generator, hr_box: tuple)
     return vol, Volume(femur_mask, tuple(sp), tuple(origin)), info
 
 
-def truth_morphometry(subject_id: str, tissue: Volume, regions: Volume) -> pd.DataFrame:
-    """Tidy table (subject, method=truth, region, metric, value, unit) on the HR truth."""
-    t = tissue.array
-    sp_zyx = tuple(tissue.spacing[::-1])
-    res = morphometry(t == 2, (t == 1) | (t == 2), sp_zyx, regions.array, REGION_NAMES)
-    rows = []
-    for region, m in res.items():
-        for metric, value, unit in (
-            ("BV/TV", m.bv_tv, "1"),
-            ("Tb.Th", m.tb_th_mm, "mm"),
-            ("Tb.Sp", m.tb_sp_mm, "mm"),
-            ("Tb.N", m.tb_n_per_mm, "1/mm"),
-        ):
-            rows.append((subject_id, "truth", region, metric, value, unit))
-    return pd.DataFrame(rows, columns=["subject", "method", "region", "metric", "value", "unit"])
-
-
 def pose_transform(subj: Subject) -> sitk.Euler3DTransform:
     """The true rigid transform as ITK uses it for registration: HR (fixed) point -> LR (moving) point."""
     tfm = sitk.Euler3DTransform()
@@ -365,7 +348,6 @@ def synthesize_subject(
     hi = lo + (np.asarray(hr_img.array.shape[::-1]) - 1) * np.asarray(hr_img.spacing)
     lr_img, lr_mask, lr_info = render_lr(subj, cfg, rng, (lo, hi))
     log.info("%s: LR grid %s, SNR in femur %.2f", subject_id, lr_img.array.shape, lr_info["snr_femur"])
-    morph = truth_morphometry(subject_id, tissue, regions)
 
     with atomic_dir(truth_dir) as tmp:
         femur = Volume((tissue.array > 0).astype(np.uint8), tissue.spacing, tissue.origin)
@@ -374,7 +356,6 @@ def synthesize_subject(
         write_volume(regions, tmp / "regions.nii.gz")
         write_volume(lr_mask, tmp / "femur_mask_lr.nii.gz")
         sitk.WriteTransform(pose_transform(subj), str(tmp / "pose.tfm"))
-        morph.to_csv(tmp / "morphometry.tsv", sep="\t", index=False, float_format="%.6g")
         record = {
             "subject": subject_id,
             "index": index,
@@ -435,7 +416,7 @@ def truth_ranges(morph: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def summarize_cohort(subjects, lr_dirs, hr_dirs, truth_dirs, sheet, morphometry, summary, ranges, preview, preview_subject):
+def summarize_cohort(subjects, lr_dirs, hr_dirs, truth_dirs, truth_tables, sheet, morphometry, summary, ranges, preview, preview_subject):
     """Write the synthetic cohort's subjects sheet, all truth morphometry (long form), the
     per-subject parameters with the truth ranges next to the paper's, and a preview PNG."""
     from .cohort import load_subjects
@@ -444,7 +425,7 @@ def summarize_cohort(subjects, lr_dirs, hr_dirs, truth_dirs, sheet, morphometry,
     subjects = list(subjects)
     sheet_df = pd.DataFrame({"subject": subjects, "lr": list(lr_dirs), "hr": list(hr_dirs), "split": ""})
     recs, morphs = [], []
-    for s, t in zip(subjects, truth_dirs):
+    for s, t, table in zip(subjects, truth_dirs, truth_tables):
         rec = json.loads((Path(t) / "subject.json").read_text())
         recs.append(
             {
@@ -458,7 +439,7 @@ def summarize_cohort(subjects, lr_dirs, hr_dirs, truth_dirs, sheet, morphometry,
                 "lr_noise_hu": rec["lr_noise"]["noise_hu"],
             }
         )
-        morphs.append(pd.read_csv(Path(t) / "morphometry.tsv", sep="\t"))
+        morphs.append(pd.read_csv(table, sep="\t"))
     morph = pd.concat(morphs, ignore_index=True)
     for col in ("size_factor", "neck_shaft_angle_deg", "bone_loss_factor"):
         sheet_df[col] = [round(r[col], 4) for r in recs]
@@ -469,34 +450,3 @@ def summarize_cohort(subjects, lr_dirs, hr_dirs, truth_dirs, sheet, morphometry,
     write_tsv(truth_ranges(morph), ranges, float_format="%.4g")
     i = subjects.index(preview_subject) if preview_subject in subjects else 0
     subject_preview(lr_dirs[i], hr_dirs[i], truth_dirs[i], preview)
-
-
-def region_block_morphometry(cfg: dict, seed: int, index: int, edge_mm: float = 8.0, voxel_mm: float | None = None) -> pd.DataFrame:
-    """Truth morphometry of the trabecular network alone in a cube of ``edge_mm`` at the centre
-    of each trabecular region (head, neck, trochanter), sampled at ``voxel_mm`` (default: the
-    config's HR voxel).
-
-    This checks the network parameters at the paper's 82 um without rendering a full-scale femur
-    (about 1.3 G voxels). The cube is all trabecular compartment: no cortex, no outside.
-    """
-    subj = draw_subject(cfg, seed, index, f"block{index}")
-    vox = float(voxel_mm or cfg["hr"]["voxel_mm"])
-    sh = subj.shape
-    centres = {
-        "head": sh.head_center,
-        "neck": 0.5 * (sh.neck_base + sh.neck_length + sh.head_plane) * sh.neck_axis,
-        "trochanter": sh.troch_center,
-    }
-    n = int(round(edge_mm / vox))
-    g = (np.arange(n) - (n - 1) / 2) * vox
-    zz, yy, xx = np.meshgrid(g, g, g, indexing="ij")
-    rows = []
-    for region, c in centres.items():
-        p = np.stack([xx.ravel() + c[0], yy.ravel() + c[1], zz.ravel() + c[2]], axis=1).astype(np.float32)
-        w = np.zeros((p.shape[0], 4))
-        w[:, REGION_ORDER.index(region)] = 1.0  # the region's own network, unblended
-        bone = blended_structure(p, w, subj.networks).reshape(n, n, n)
-        m = morphometry(bone, np.ones_like(bone), (vox, vox, vox))["all"]
-        for metric, value in (("BV/TV", m.bv_tv), ("Tb.Th", m.tb_th_mm), ("Tb.Sp", m.tb_sp_mm), ("Tb.N", m.tb_n_per_mm)):
-            rows.append((f"block{index}", region, metric, value))
-    return pd.DataFrame(rows, columns=["subject", "region", "metric", "value"])

@@ -25,7 +25,6 @@ axes in mm. Writers (``write_*``) save PNGs atomically.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import matplotlib
 
@@ -34,14 +33,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import SimpleITK as sitk  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar  # noqa: E402
 
 from .atomic import atomic_file  # noqa: E402
 from .stats import bland_altman, lin_ccc, pearson  # noqa: E402
 from .tables import METRICS, REGIONS, method_label, method_order  # noqa: E402
-from .volume import Volume, read_volume  # noqa: E402
+from .volume import Volume, read_grid, read_volume  # noqa: E402
 
 METHOD_COLOURS = {"LR": "#7f7f7f"}
 _SR_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
@@ -50,24 +48,9 @@ DPI = 110
 
 
 # ----------------------------------------------------------------------------- volumes
-def grid_of(path) -> Volume:
-    """The geometry of a NIfTI volume (spacing (x, y, z) mm, LPS origin, direction) without its
-    voxels: the array is a zero-cost stand-in of the right (z, y, x) shape."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: volume not found")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    if reader.GetDimension() != 3:
-        raise ValueError(f"{path}: expected a 3D volume, got {reader.GetDimension()}D")
-    shape = tuple(reversed(reader.GetSize()))
-    return Volume(np.broadcast_to(np.uint8(0), shape), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
-
-
 def check_same_grid(path, grid: Volume, reference: str) -> None:
     """Refuse a volume whose grid differs from ``grid`` (that of ``reference``), naming both."""
-    g = grid_of(path)
+    g = read_grid(path)
     if not g.same_grid(grid):
         raise ValueError(f"{path}: grid {g.shape} (z, y, x) at spacing {np.round(g.spacing, 4).tolist()} mm, origin "
                          f"{np.round(g.origin, 3).tolist()} differs from that of {reference} ({grid.shape}, "

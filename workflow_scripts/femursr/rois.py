@@ -1,5 +1,5 @@
-"""Standardized ROIs in the femoral head, neck and trochanter, and their morphometry (paper
-section 3.1, steps 2 to 4).
+"""Standardized ROIs in the femoral head, neck and trochanter (paper section 3.1, steps 2 and 3;
+their morphometry, step 4, is :mod:`femursr.roimetrics`).
 
 Placement (:func:`place_from_outline`): the surface of a volume's femur outline is sampled
 (:func:`femursr.pointcloud.mask_points`), the template nearest in bone volume is matched onto it
@@ -14,12 +14,6 @@ ROIs (:func:`roi_boxes`): cubes of ``edge_vox`` voxels of the evaluated grid, ce
 a voxel of the region centres. A cube that leaves the volume or the femur is not moved or
 clipped: the fractions of its voxels outside the volume and outside the femur mask are reported,
 and the morphometry counts only the voxels inside both.
-
-Morphometry (:func:`roi_morphometry`): :func:`femursr.morphometry.morphometry` on the cube with a
-margin of ``context_mm`` of the full volume around it (so balls near the cube's faces see the
-structure beyond them; the margin's own outer faces are open, ``black_border=False``), averaged
-over the cube's voxels: BV/TV, Tb.Th and Tb.Sp (mm, mean local thickness of the bone and of the
-marrow inside the femur mask), Tb.N = 1 / (Tb.Th + Tb.Sp) (1/mm), the study's convention.
 """
 
 from __future__ import annotations
@@ -30,21 +24,12 @@ import numpy as np
 import pandas as pd
 
 from .geometry import REGION_IDS, REGION_NAMES
-from .morphometry import morphometry
 from .pointcloud import MatchParams, PointCloud, Similarity, mask_points, match, region_centres, to_open3d, transfer_labels
 from .templates import REGION_COLOURS, Template, nearest_template
 from .volume import Volume, take_plane
 
 #: the regions that get an ROI (the shaft does not)
 ROI_REGIONS = {k: v for k, v in REGION_NAMES.items() if v != "shaft"}
-
-METRIC_ROWS = (
-    ("bv_tv", "1", "bone voxels / femur voxels in the ROI"),
-    ("tb_th_mm", "mm", "mean Hildebrand local thickness of the bone voxels in the ROI"),
-    ("tb_sp_mm", "mm", "mean Hildebrand local thickness of the marrow (femur, not bone) voxels in the ROI"),
-    ("tb_n_per_mm", "1/mm", "1 / (tb_th_mm + tb_sp_mm), the study's convention"),
-)
-
 
 @dataclass
 class Placement:
@@ -163,33 +148,6 @@ def roi_boxes(centres: dict, femur: Volume, edge_vox: int) -> list[Roi]:
         out.append(Roi(name, np.asarray(centres[name], float).tolist(), start.tolist(), int(edge_vox),
                        1.0 - n_in / total, 1.0 - n_femur / total))  # fmt: skip
     return out
-
-
-def roi_morphometry(bone: Volume, femur: Volume, roi: Roi, context_mm: float):
-    """:class:`femursr.morphometry.Morphometry` of the cube ``roi`` (see the module docstring)."""
-    sp_zyx = bone.spacing[::-1]
-    margin = [int(np.ceil(context_mm / s)) for s in sp_zyx]
-    ext, core = [], []
-    for a, m, n in zip(roi.start_zyx, margin, bone.shape):
-        lo, hi = max(0, a - m), min(n, a + roi.edge_vox + m)
-        ext.append(slice(lo, max(lo, hi)))
-        c0, c1 = max(0, a), min(n, a + roi.edge_vox)
-        core.append(slice(c0 - lo, max(c0, c1) - lo))
-    ext = tuple(ext)
-    b = np.asarray(bone.array[ext]) > 0
-    v = np.asarray(femur.array[ext]) > 0
-    regions = np.zeros(b.shape, np.uint8)
-    regions[tuple(core)] = 1
-    return morphometry(b, v, sp_zyx, regions, {1: roi.region})[roi.region]
-
-
-def tidy_rows(subject: str, method: str, results: dict) -> pd.DataFrame:
-    """The per-volume table: subject, method, region, metric, value, unit, definition."""
-    rows = []
-    for region, m in results.items():
-        for metric, unit, definition in METRIC_ROWS:
-            rows.append((subject, method, region, metric, float(getattr(m, metric)), unit, definition))
-    return pd.DataFrame(rows, columns=["subject", "method", "region", "metric", "value", "unit", "definition"])
 
 
 def qc_figure(image: Volume, cloud: PointCloud, rois: list[Roi], title: str, path, slab_mm: float = 0.6) -> None:

@@ -112,13 +112,8 @@ def write_volume(vol: Volume, path: str | os.PathLike) -> Path:
     return path
 
 
-def read_volume(path: str | os.PathLike, mmap: bool = True) -> Volume:
-    """Read a NIfTI volume. Uncompressed files come back memory-mapped (read-only) when ``mmap``.
-
-    The geometry is read by SimpleITK (so it is exactly what SimpleITK wrote and reads); the
-    voxels of a ``.nii`` come from nibabel's memory map, transposed to (z, y, x) without a copy.
-    """
-    path = Path(path)
+def _geometry_reader(path: Path) -> sitk.ImageFileReader:
+    """A SimpleITK reader of ``path`` with its header read (a 3D volume, or a clear error)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: volume not found")
     reader = sitk.ImageFileReader()
@@ -126,6 +121,25 @@ def read_volume(path: str | os.PathLike, mmap: bool = True) -> Volume:
     reader.ReadImageInformation()
     if reader.GetDimension() != 3:
         raise ValueError(f"{path}: expected a 3D volume, got {reader.GetDimension()}D")
+    return reader
+
+
+def read_grid(path: str | os.PathLike) -> Volume:
+    """The geometry of a volume file (spacing (x, y, z) mm, LPS origin, direction) without its
+    voxels: the array is a zero-cost stand-in of the right (z, y, x) shape."""
+    reader = _geometry_reader(Path(path))
+    shape = tuple(reversed(reader.GetSize()))
+    return Volume(np.broadcast_to(np.uint8(0), shape), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
+
+
+def read_volume(path: str | os.PathLike, mmap: bool = True) -> Volume:
+    """Read a NIfTI volume. Uncompressed files come back memory-mapped (read-only) when ``mmap``.
+
+    The geometry is read by SimpleITK (so it is exactly what SimpleITK wrote and reads); the
+    voxels of a ``.nii`` come from nibabel's memory map, transposed to (z, y, x) without a copy.
+    """
+    path = Path(path)
+    reader = _geometry_reader(path)
     geom = dict(spacing=reader.GetSpacing(), origin=reader.GetOrigin(), direction=reader.GetDirection())
     if mmap and path.name.endswith(".nii"):
         import nibabel as nib

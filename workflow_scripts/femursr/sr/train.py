@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..atomic import atomic_file
+from ..atomic import atomic_file, file_sha256
 from .base import SRModel, StepContext
 from .data import EpochSampler
 from .metrics import psnr, ssim
@@ -474,15 +474,6 @@ def fit(
 #: settings of the ``training`` config block that change the result of a run (the others say
 #: where and how fast it runs, or concern inference)
 RESULT_KEYS = ("patch_size_px", "batch_size", "samples_per_epoch", "neighbours", "validation_patches", "amp")
-
-
-def file_sha256(path) -> str:
-    """SHA-256 of a file's bytes (read in 1 MB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _last_validation(metrics_csv: Path) -> dict:
