@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from scipy import ndimage as ndi
 
-from conftest import REPO
+from conftest import REPO, femur_phantom as render, femur_shape
 from femursr.bonemask import BoneThreshold, bone_outline, threshold_bone_mask, volume_ml
 from femursr.geometry import REGION_IDS, FemurShape, rotation_matrix
 from femursr.pointcloud import (
@@ -31,33 +31,6 @@ from femursr.volume import Volume
 from femursr.workflow import mock_snakemake
 
 SCRIPTS = REPO / "workflow_scripts"
-
-
-def femur_shape(nsa=130.0, anteversion=12.0, size=1.0) -> FemurShape:
-    s = 0.45 * size
-    return FemurShape(head_radius=23 * s, neck_length=52 * s, neck_shaft_angle_deg=nsa, anteversion_deg=anteversion,
-                      neck_radius_base=15.5 * s, neck_radius_head=13 * s, shaft_radius=14 * s, scale=s)  # fmt: skip
-
-
-def render(shape: FemurShape, vox: float, pose: Similarity | None = None):
-    """Femur mask and analytic region map (1 head .. 4 shaft) of ``shape`` on a grid of ``vox`` mm,
-    the femur placed by ``pose`` (femur frame -> grid's LPS), sawn 15 mm (adult) below the
-    lesser trochanter."""
-    pose = pose or Similarity()
-    z_cut = shape.lt_bottom - 15 * shape.scale
-    lo, hi = shape.bounding_box(z_cut)
-    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-    moved = pose.apply(corners)
-    origin = moved.min(0) - 2 * vox
-    n = np.ceil((moved.max(0) + 2 * vox - origin) / vox).astype(int) + 1
-    grid = np.stack(np.meshgrid(*[origin[k] + vox * np.arange(n[k]) for k in range(3)], indexing="ij"), -1).reshape(-1, 3)
-    p = pose.inverse().apply(grid)  # back into the femur frame
-    inside = (shape.sdf(p) < 0) & (p[:, 2] > z_cut)
-    regions = np.zeros(len(p), np.uint8)
-    for name, m in shape.region_masks(p[inside]).items():
-        regions[np.flatnonzero(inside)[m]] = REGION_IDS[name]
-    to_zyx = lambda a: a.reshape(tuple(n)).transpose(2, 1, 0).copy()  # noqa: E731 (grid was x, y, z)
-    return Volume(to_zyx(inside.astype(np.uint8)), (vox,) * 3, origin), Volume(to_zyx(regions), (vox,) * 3, origin)
 
 
 def analytic_labels(shape: FemurShape, points_femur_frame: np.ndarray) -> np.ndarray:

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO, small_synthetic
-from femursr.geometry import REGION_IDS, REGION_NAMES, FemurShape, rotation_matrix
-from femursr.labelling import LabellingError, LabellingParams, label_femur
+from conftest import REPO, femur_phantom as phantom, femur_shape, small_synthetic
+from femursr.geometry import REGION_NAMES, rotation_matrix
+from femursr.labelling import LabellingError, label_femur
 from femursr.pointcloud import Similarity, mask_points, region_centres
 from femursr.rois import ROI_REGIONS
 from femursr.templates import label_points
@@ -25,40 +25,6 @@ from femursr.workflow import mock_snakemake
 
 SCRIPTS = REPO / "workflow_scripts"
 FLOORS = {"head": 0.95, "neck": 0.9, "trochanter": 0.95, "shaft": 0.9}  # Dice against the truth
-
-
-def femur_shape(nsa=130.0, anteversion=12.0, size=1.0) -> FemurShape:
-    """A demo-scale femur (45 % of adult size), as the synthetic cohort draws them."""
-    s = 0.45 * size
-    return FemurShape(head_radius=23 * s, neck_length=52 * s, neck_shaft_angle_deg=nsa, anteversion_deg=anteversion,
-                      neck_radius_base=15.5 * s, neck_radius_head=13 * s, shaft_radius=14 * s, scale=s)  # fmt: skip
-
-
-def phantom(shape: FemurShape, vox: float, pose: Similarity | None = None, cut_at_face: bool = False):
-    """Femur mask and analytic region map of ``shape`` on a ``vox`` mm grid, placed by ``pose``
-    (femur frame -> LPS), sawn 15 mm (adult) below the lesser trochanter; with ``cut_at_face``
-    the grid ends at the cut (the mask leaves through the array's face, as the workflow's masks do)."""
-    pose = pose or Similarity()
-    z_cut = shape.lt_bottom - 15 * shape.scale
-    lo, hi = shape.bounding_box(z_cut)
-    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-    moved = pose.apply(corners)
-    origin = moved.min(0) - 2 * vox
-    n = np.ceil((moved.max(0) + 2 * vox - origin) / vox).astype(int) + 1
-    axes = [origin[k] + vox * np.arange(n[k]) for k in range(3)]
-    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-    p = pose.inverse().apply(grid)
-    inside = (shape.sdf(p) < 0) & (p[:, 2] > z_cut)
-    regions = np.zeros(len(p), np.uint8)
-    for name, m in shape.region_masks(p[inside]).items():
-        regions[np.flatnonzero(inside)[m]] = REGION_IDS[name]
-    mask = inside.reshape(tuple(n)).transpose(2, 1, 0).astype(np.uint8)  # (x, y, z) -> (z, y, x)
-    regions = regions.reshape(tuple(n)).transpose(2, 1, 0).copy()
-    if cut_at_face:  # the pose must keep the shaft along z; drop the slices below the cut
-        z0 = int(np.flatnonzero(mask.any((1, 2)))[0]) + 2
-        mask, regions = mask[z0:], regions[z0:]
-        origin = origin + np.array([0.0, 0.0, z0 * vox])
-    return Volume(mask, (vox,) * 3, origin), Volume(regions, (vox,) * 3, origin)
 
 
 def dice_per_region(labels: np.ndarray, truth: np.ndarray) -> dict[str, float]:
