@@ -19,7 +19,7 @@ rule clinical_export_model:
     log:
         "logs/clinical/export_{model}_{dims}.log",
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -50,7 +50,7 @@ checkpoint clinical_prepare:
     wildcard_constraints:
         subject=one_of(CLINICAL),
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=clinical_mem_mb,
@@ -81,7 +81,7 @@ rule clinical_sr:
     wildcard_constraints:
         subject=one_of(CLINICAL),
     conda:
-        "../envs/femursr.yaml"
+        "../envs/torch.yaml"
     threads: TRAINING["threads"]
     resources:
         mem_mb=clinical_sr_mem_mb,
@@ -115,11 +115,12 @@ rule clinical_evaluate:
     wildcard_constraints:
         subject=one_of(CLINICAL),
     conda:
-        "../envs/femursr.yaml"
+        CLINICAL_EVALUATE_ENV
     threads: 1
     resources:
         mem_mb=clinical_mem_mb,
         runtime=30,
+        gpu=bone_nnunet_predict_gpu,
     params:
         code=code_version("clinical_evaluate"),
         evaluation=CLINICAL_EVAL_OPTIONS,
@@ -140,7 +141,7 @@ rule clinical_table:
     log:
         "logs/clinical/table.log",
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=1000,

@@ -318,13 +318,19 @@ def nnunet_predict_gpu(wildcards):
     return 1 if NNUNET_ON and NNUNET["device"] == "cuda" else 0
 
 
+def _nnunet_runtime(options, attempt):
+    its = options["epochs"] * (
+        options["iterations_per_epoch"] + options["val_iterations"]
+    )
+    per_it = 3.0 if options["device"] == "cpu" else 0.3
+    return int((30 + its * per_it / 60) * attempt)
+
+
 def nnunet_train_runtime(wildcards, attempt):
     """Minutes of nnU-Net training: the iteration budget at 3 s per iteration on a CPU
     (3d_fullres, 2 cores) or 0.3 s on a GPU, plus half an hour; doubled on each retry.
     """
-    its = NNUNET["epochs"] * (NNUNET["iterations_per_epoch"] + NNUNET["val_iterations"])
-    per_it = 3.0 if NNUNET["device"] == "cpu" else 0.3
-    return int((30 + its * per_it / 60) * attempt)
+    return _nnunet_runtime(NNUNET, attempt)
 
 
 # ------------------------------------------------------------------ SR models (rules/sr.smk)
@@ -567,6 +573,108 @@ if EVAL["template_subjects"] and TEMPLATE_LABELS:
             "or set template_labels to auto"
         )
 
+# The nnunet bone-mask backend (evaluation.bone_mask.backend nnunet; rules/nnunet.smk, the
+# bone_nnunet_* rules): an nnU-Net with the label bone, trained on the training subjects' normalized
+# HR volumes at their own voxel size, or a model folder given in config. Decided at parse time.
+BONE_MASK = EVAL["bone_mask"]
+BONE_NNUNET = BONE_MASK["nnunet"]
+BONE_NNUNET_ON = BONE_MASK["backend"] == "nnunet"
+_BONE_KEY = "config evaluation.bone_mask.nnunet"
+BONE_NNUNET_DATASET = femur_nnunet.dataset_name(
+    BONE_NNUNET["dataset_id"], BONE_NNUNET["dataset_name"]
+)
+BONE_NNUNET_TRAINED = (
+    f"{NNUNET_ROOT}/nnUNet_results/{BONE_NNUNET_DATASET}/"
+    f"{BONE_NNUNET['trainer']}__{femur_nnunet.PLANS}__{BONE_NNUNET['configuration']}"
+)
+BONE_NNUNET_MODEL = (BONE_NNUNET["model_folder"] or BONE_NNUNET_TRAINED).rstrip("/")
+BONE_NNUNET_CHECKPOINT = (
+    f"{BONE_NNUNET_MODEL}/fold_{BONE_NNUNET['fold']}/{femur_nnunet.CHECKPOINT}"
+)
+BONE_NNUNET_LABELS = (
+    ("truth" if SYNTHETIC else "threshold")
+    if BONE_NNUNET["labels"] == "auto"
+    else BONE_NNUNET["labels"]
+)
+BONE_NNUNET_SUBJECTS = list(BONE_NNUNET["training_subjects"] or SR_TRAIN)
+if BONE_NNUNET_ON and BONE_NNUNET["model_folder"]:
+    try:
+        femur_nnunet.check_model_folder(BONE_NNUNET_MODEL, [BONE_NNUNET["fold"]])
+    except FileNotFoundError as err:
+        raise WorkflowError(f"{_BONE_KEY}.model_folder: {err}") from None
+elif BONE_NNUNET_ON:
+    if BONE_NNUNET_LABELS == "truth" and not SYNTHETIC:
+        raise WorkflowError(
+            f"{_BONE_KEY}.labels: truth labels exist only for the synthetic cohort; use "
+            "threshold (the HR's threshold masks) or give a trained model_folder"
+        )
+    if NNUNET_ON and BONE_NNUNET["dataset_id"] == NNUNET["dataset_id"]:
+        raise WorkflowError(
+            f"{_BONE_KEY}.dataset_id: {BONE_NNUNET['dataset_id']} is also the femur model's "
+            "(preprocessing.mask.nnunet.dataset_id); give the bone model another id"
+        )
+    _bone_unknown = [s for s in BONE_NNUNET_SUBJECTS if s not in PAIRED]
+    if _bone_unknown:
+        raise WorkflowError(
+            f"{_BONE_KEY}.training_subjects: {', '.join(_bone_unknown)} is not a subject with both scans"
+        )
+    if len(BONE_NNUNET_SUBJECTS) < 2:
+        raise WorkflowError(
+            f"{_BONE_KEY}: nnU-Net needs at least 2 training volumes, got "
+            f"{len(BONE_NNUNET_SUBJECTS)} (training_subjects, or the split's training part)"
+        )
+    if BONE_NNUNET["fold"] != "all" and BONE_NNUNET["fold"] >= min(
+        5, len(BONE_NNUNET_SUBJECTS)
+    ):
+        raise WorkflowError(
+            f"{_BONE_KEY}.fold: fold {BONE_NNUNET['fold']} does not exist with "
+            f"{len(BONE_NNUNET_SUBJECTS)} training volumes (folds 0 to "
+            f"{min(5, len(BONE_NNUNET_SUBJECTS)) - 1}, or all)"
+        )
+BONE_NNUNET_TRAIN_OPTIONS = {k: BONE_NNUNET[k] for k in NNUNET_TRAIN_OPTIONS}
+# the slice of the bone-mask config that bone_mask (and the clinical evaluation) use
+if BONE_NNUNET_ON:
+    BONE_MASK_OPTIONS = {
+        "backend": "nnunet",
+        "nnunet": {k: BONE_NNUNET[k] for k in ("fold", "device", "mirroring")},
+    }
+else:
+    BONE_MASK_OPTIONS = {k: BONE_MASK[k] for k in ("backend", "sigma_mm", "threshold")}
+
+
+def bone_model_input(wildcards):
+    """The nnU-Net bone model's checkpoint, for the nnunet bone-mask backend (else nothing)."""
+    return {"model": BONE_NNUNET_CHECKPOINT} if BONE_NNUNET_ON else {}
+
+
+def bone_nnunet_dataset_input(wildcards):
+    """The training subjects' normalized HR volumes, femur masks and (truth labels) truth folders."""
+    files = {
+        "images": expand(rules.normalize.output.hr, subject=BONE_NNUNET_SUBJECTS),
+        "femurs": expand(rules.femur_mask.output.mask, subject=BONE_NNUNET_SUBJECTS),
+    }
+    if BONE_NNUNET_LABELS == "truth":
+        files["truth"] = expand(
+            rules.synthesize_subject.output.truth, subject=BONE_NNUNET_SUBJECTS
+        )
+    return files
+
+
+def bone_nnunet_gpu(wildcards):
+    """GPUs of the bone model's training: none when the config says cpu, else one."""
+    return 0 if BONE_NNUNET["device"] == "cpu" else 1
+
+
+def bone_nnunet_predict_gpu(wildcards):
+    """GPUs of a bone mask: one only when the nnunet backend is told to use cuda."""
+    return 1 if BONE_NNUNET_ON and BONE_NNUNET["device"] == "cuda" else 0
+
+
+def bone_nnunet_train_runtime(wildcards, attempt):
+    """Minutes of the bone model's training (as nnunet_train_runtime)."""
+    return _nnunet_runtime(BONE_NNUNET, attempt)
+
+
 # what place_rois uses (editing the morphometry context or the bone threshold does not re-place)
 ROI_OPTIONS = {
     k: EVAL[k]
@@ -762,19 +870,26 @@ def figure_mem_mb(wildcards, attempt):
     return int(max(2000, 1000 + 2 * voxels_m) * attempt)
 
 
-def results_targets():
-    """Table 1, the statistics, the image-quality table, their HTML page and the agreement plots
-    (these need at least 2 test subjects), Figure 1 of the first test subject and, for sampled SR variants, the
-    map of the SD across samples on its slice."""
-    targets = []
-    if len(RESULT_SUBJECTS) >= 2:
-        targets += list(rules.results_tables.output) + list(rules.results_page.output)
-        targets += expand(rules.agreement_plots.output, method=QUALITY_METHODS)
+def results_figures():
+    """Figure 1 of the first test subject, for sampled SR variants the map of the SD across
+    samples on its slice, and the agreement plots (these need at least 2 test subjects).
+    """
+    figures = []
     if RESULT_SUBJECTS:
-        targets += expand(rules.figure1.output, subject=RESULT_SUBJECTS[0])
+        figures += expand(rules.figure1.output, subject=RESULT_SUBJECTS[0])
         if SAMPLED_SR:
-            targets += expand(rules.figure_sample_sd.output, subject=RESULT_SUBJECTS[0])
-    return targets
+            figures += expand(rules.figure_sample_sd.output, subject=RESULT_SUBJECTS[0])
+    if len(RESULT_SUBJECTS) >= 2:
+        figures += expand(rules.agreement_plots.output, method=QUALITY_METHODS)
+    return figures
+
+
+def results_targets():
+    """Table 1, the statistics, the image-quality table and their HTML page (results_tables,
+    which waits for the figures; at least 2 test subjects), or the figures alone."""
+    if len(RESULT_SUBJECTS) >= 2:
+        return list(rules.results_tables.output)
+    return results_figures()
 
 
 # ------------------------------------------------------------------ clinical branch (rules/clinical.smk)
@@ -844,10 +959,13 @@ CLINICAL_PREPARE_OPTIONS = {
 }
 # the evaluation settings the clinical branch uses (those of the paired evaluation's ROIs)
 CLINICAL_EVAL_OPTIONS = {
-    k: EVAL[k]
-    for k in ("bone_mask", "outline_closing_mm", "surface_voxel_mm", "template_points")
-    + ("matching", "refine_radius", "roi_edge_vox", "context_mm")
-    + ("min_outline_fraction",)
+    "bone_mask": BONE_MASK_OPTIONS,
+    **{
+        k: EVAL[k]
+        for k in ("outline_closing_mm", "surface_voxel_mm", "template_points")
+        + ("matching", "refine_radius", "roi_edge_vox", "context_mm")
+        + ("min_outline_fraction",)
+    },
 }
 # the voxel of the clinical grid, for memory estimates before any model card exists
 _CLIN_VOXEL = (
@@ -903,6 +1021,8 @@ def clinical_evaluate_input(wildcards):
     folder = checkpoints.clinical_prepare.get(subject=wildcards.subject).output.folder
     files = {"prepared": folder, "card": clinical_model("card")}
     if femur_clinical.read_status(folder)["status"] == "ok":
+        if BONE_NNUNET_ON:
+            files["bone_model"] = BONE_NNUNET_CHECKPOINT
         sr = rules.clinical_sr.output
         files.update(
             sr=sr.volume.format(subject=wildcards.subject),
@@ -932,3 +1052,14 @@ def clinical_targets():
         )
         targets += list(rules.clinical_table.output)
     return targets
+
+
+# ------------------------------------------------------------------ conda envs (--sdm conda)
+# envs/*.yaml hold one tool stack each; a rule whose imports depend on a backend takes its env
+# here (tests/test_envs.py checks every rule's env against what its script imports).
+FEMUR_MASK_ENV = "../envs/nnunet.yaml" if NNUNET_ON else "../envs/core.yaml"
+BONE_MASK_ENV = "../envs/nnunet.yaml" if BONE_NNUNET_ON else "../envs/core.yaml"
+# Open3D for the ROI placement, and nnU-Net for the bone masks with backend nnunet
+CLINICAL_EVALUATE_ENV = (
+    "../envs/femursr.yaml" if BONE_NNUNET_ON else "../envs/open3d.yaml"
+)

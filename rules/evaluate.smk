@@ -13,7 +13,7 @@ checkpoint select_templates:
     log:
         "logs/evaluation/select_templates.log",
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=templates_mem_mb,
@@ -44,7 +44,7 @@ rule template_labels:
     benchmark:
         "benchmarks/results/template_labels/{subject}.tsv"
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=evaluation_mem_mb,
@@ -73,7 +73,7 @@ rule templates:
     benchmark:
         "benchmarks/results/templates.tsv"
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=templates_mem_mb,
@@ -92,6 +92,7 @@ rule templates:
 
 rule bone_mask:
     input:
+        unpack(bone_model_input),
         volume=evaluated_volume,
         femur=rules.femur_mask.output.mask,
     output:
@@ -102,14 +103,15 @@ rule bone_mask:
     benchmark:
         "benchmarks/results/bone_mask/{method}_{subject}.tsv"
     conda:
-        "../envs/femursr.yaml"
+        BONE_MASK_ENV
     threads: 1
     resources:
         mem_mb=evaluation_mem_mb,
         runtime=20,
+        gpu=bone_nnunet_predict_gpu,
     params:
         code=code_version("bone_mask"),
-        options=EVAL["bone_mask"],
+        options=BONE_MASK_OPTIONS,
     script:
         "../workflow_scripts/bone_mask.py"
 
@@ -132,7 +134,7 @@ rule place_rois:
     benchmark:
         "benchmarks/results/place_rois/{method}_{subject}.tsv"
     conda:
-        "../envs/femursr.yaml"
+        "../envs/open3d.yaml"
     threads: 1
     resources:
         mem_mb=evaluation_mem_mb,
@@ -157,7 +159,7 @@ rule roi_morphometry:
     benchmark:
         "benchmarks/results/roi_morphometry/{method}_{subject}.tsv"
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=evaluation_mem_mb,
@@ -187,7 +189,7 @@ rule morphometry_table:
     log:
         "logs/evaluation/morphometry_table.log",
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -214,7 +216,7 @@ rule roi_accuracy:
     log:
         "logs/synthetic/roi_accuracy.log",
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=4000,

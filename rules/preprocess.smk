@@ -11,7 +11,7 @@ rule import_scan:
     log:
         "logs/import/{subject}_{scan}.log",
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=preprocess_mem_mb,
@@ -43,7 +43,7 @@ rule register:
     benchmark:
         "benchmarks/results/register/{subject}.tsv"
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=preprocess_mem_mb,
@@ -67,7 +67,7 @@ rule resample_lr:
     benchmark:
         "benchmarks/results/resample_lr/{subject}.tsv"
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=preprocess_mem_mb,
@@ -89,7 +89,7 @@ rule femur_mask:
     log:
         "logs/masks/{subject}.log",
     conda:
-        "../envs/femursr.yaml"
+        FEMUR_MASK_ENV
     threads: 1
     resources:
         mem_mb=preprocess_mem_mb,
@@ -113,7 +113,7 @@ rule normalize:
     log:
         "logs/normalize/{subject}.log",
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=preprocess_mem_mb,
@@ -140,7 +140,7 @@ rule preprocessing_accuracy:
     log:
         "logs/synthetic/preprocessing_accuracy.log",
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=2000,

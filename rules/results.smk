@@ -1,6 +1,7 @@
 # The study's results (paper section 3.2): image quality of the LR and of every SR variant against
 # the HR on the test subjects, Table 1 and the Friedman/Conover statistics.
-# `snakemake results/table1.csv` asks for the whole study.
+# `snakemake results/table1.csv` asks for the whole study: its rule (results_tables) waits for the
+# figures and writes the tables and their HTML page (results/results.html).
 
 
 rule image_quality:
@@ -13,7 +14,7 @@ rule image_quality:
     benchmark:
         "benchmarks/results/image_quality/{method}_{subject}.tsv"
     conda:
-        "../envs/femursr.yaml"
+        "../envs/torch.yaml"
     threads: 1
     resources:
         mem_mb=preprocess_mem_mb,
@@ -23,55 +24,6 @@ rule image_quality:
         options=QUALITY_OPTIONS,
     script:
         "../workflow_scripts/image_quality.py"
-
-
-rule results_tables:
-    input:
-        quality=expand(
-            rules.image_quality.output.record,
-            method=QUALITY_METHODS,
-            subject=RESULT_SUBJECTS,
-        ),
-        morphometry=rules.morphometry_table.output.table,
-    output:
-        quality=report(
-            "results/image_quality.csv",
-            caption="../report/image_quality.rst",
-            category="Results",
-            subcategory="Tables",
-            labels={"table": "2. image quality (CSV)"},
-        ),
-        table1=report(
-            "results/table1.csv",
-            caption="../report/table1.rst",
-            category="Results",
-            subcategory="Tables",
-            labels={"table": "3. Table 1, long form (CSV)"},
-        ),
-        markdown="results/table1.md",
-        latex="results/table1.tex",
-        statistics=report(
-            "results/statistics.csv",
-            caption="../report/statistics.rst",
-            category="Results",
-            subcategory="Tables",
-            labels={"table": "4. statistics (CSV)"},
-        ),
-        summary="results/statistics_summary.csv",
-    log:
-        "logs/results/tables.log",
-    conda:
-        "../envs/femursr.yaml"
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    params:
-        code=code_version("results_tables"),
-        statistics=config["statistics"],
-        subjects=RESULT_SUBJECTS,
-    script:
-        "../workflow_scripts/results_tables.py"
 
 
 # Figures (paper Fig. 1 and the agreement behind Table 1): results/figures/. Figure 1 of any
@@ -93,7 +45,7 @@ rule figure1:
     wildcard_constraints:
         subject=one_of(RESULT_SUBJECTS),
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=figure_mem_mb,
@@ -122,7 +74,7 @@ rule figure_sample_sd:
     wildcard_constraints:
         subject=one_of(RESULT_SUBJECTS),
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=figure_mem_mb,
@@ -158,7 +110,7 @@ rule agreement_plots:
     wildcard_constraints:
         method=one_of(QUALITY_METHODS),
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -170,13 +122,42 @@ rule agreement_plots:
         "../workflow_scripts/agreement_plots.py"
 
 
-rule results_page:
+rule results_tables:
     input:
-        quality=rules.results_tables.output.quality,
-        table1=rules.results_tables.output.table1,
-        statistics=rules.results_tables.output.statistics,
-        summary=rules.results_tables.output.summary,
+        quality=expand(
+            rules.image_quality.output.record,
+            method=QUALITY_METHODS,
+            subject=RESULT_SUBJECTS,
+        ),
+        morphometry=rules.morphometry_table.output.table,
+        # the figures are made before the tables, so that asking for results/table1.csv gives
+        # the whole study: Figure 1, the sample SD maps and the agreement plots too
+        figures=results_figures(),
     output:
+        quality=report(
+            "results/image_quality.csv",
+            caption="../report/image_quality.rst",
+            category="Results",
+            subcategory="Tables",
+            labels={"table": "2. image quality (CSV)"},
+        ),
+        table1=report(
+            "results/table1.csv",
+            caption="../report/table1.rst",
+            category="Results",
+            subcategory="Tables",
+            labels={"table": "3. Table 1, long form (CSV)"},
+        ),
+        markdown="results/table1.md",
+        latex="results/table1.tex",
+        statistics=report(
+            "results/statistics.csv",
+            caption="../report/statistics.rst",
+            category="Results",
+            subcategory="Tables",
+            labels={"table": "4. statistics (CSV)"},
+        ),
+        summary="results/statistics_summary.csv",
         html=report(
             "results/results.html",
             caption="../report/results_page.rst",
@@ -185,16 +166,16 @@ rule results_page:
             labels={"table": "1. Table 1, image quality, statistics"},
         ),
     log:
-        "logs/results/page.log",
+        "logs/results/tables.log",
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=5,
+        mem_mb=2000,
+        runtime=10,
     params:
-        code=code_version("results_page"),
+        code=code_version("results_tables"),
         statistics=config["statistics"],
         subjects=RESULT_SUBJECTS,
     script:
-        "../workflow_scripts/results_page.py"
+        "../workflow_scripts/results_tables.py"

@@ -11,7 +11,7 @@ rule split:
     log:
         "logs/sr/split.log",
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=1000,
@@ -50,7 +50,7 @@ rule train_autoencoder:
     benchmark:
         "benchmarks/results/train_sr/{autoencoder}.tsv"
     conda:
-        "../envs/femursr.yaml"
+        "../envs/torch.yaml"
     threads: TRAINING["threads"]
     resources:
         mem_mb=sr_train_mem_mb,
@@ -93,7 +93,7 @@ rule train_sr:
     benchmark:
         "benchmarks/results/train_sr/{model}_{dims}.tsv"
     conda:
-        "../envs/femursr.yaml"
+        "../envs/torch.yaml"
     threads: TRAINING["threads"]
     resources:
         mem_mb=sr_train_mem_mb,
@@ -127,7 +127,7 @@ rule sr_infer:
     wildcard_constraints:
         model=one_of(SR_SINGLE),
     conda:
-        "../envs/femursr.yaml"
+        "../envs/torch.yaml"
     threads: TRAINING["threads"]
     resources:
         mem_mb=sr_infer_mem_mb,

@@ -12,7 +12,7 @@ rule synthesize_subject:
     benchmark:
         "benchmarks/results/synthesize_subject/{subject}.tsv"
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=synthesize_mem_mb,
@@ -36,7 +36,7 @@ rule truth_morphometry:
     benchmark:
         "benchmarks/results/truth_morphometry/{subject}.tsv"
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=synthesize_mem_mb,
@@ -74,7 +74,7 @@ rule synthesize_cohort:
     log:
         "logs/synthetic/cohort.log",
     conda:
-        "../envs/femursr.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=2000,

@@ -122,7 +122,7 @@ def test_config_and_code_edits_rerun_exactly_what_they_touch(tmp_path):
     assert jobs.pop("train_sr") == 1 and jobs.pop("sr_infer") == 1
     # what uses the SR volume: its evaluation, its figures, and the model's portable export
     downstream = {"bone_mask", "place_rois", "roi_morphometry", "morphometry_table", "image_quality", "figure1", "agreement_plots"}
-    assert set(jobs) <= downstream | {"clinical_export_model", "results_tables", "results_page", "all"}, jobs
+    assert set(jobs) <= downstream | {"clinical_export_model", "results_tables", "all"}, jobs
     assert jobs.get("roi_morphometry") == 1 and jobs.get("bone_mask") == 1  # the SR volume's only
     cfg["models"]["srgan"]["pretrain"]["lr"] = old
 

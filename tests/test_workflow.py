@@ -1,6 +1,7 @@
 """The Snakemake workflow: DAGs build, bad config fails before any job, lint is clean, and a
 small synthetic study runs end to end."""
 
+import json
 import shutil
 import subprocess
 
@@ -212,6 +213,50 @@ def test_nnunet_fold_must_exist_for_the_number_of_training_cases(tmp_path):
     assert res.returncode != 0 and "training_subjects: S999 not in the synthetic cohort" in res.stdout + res.stderr
 
 
+def _bone_nnunet_config(cfg=None, **nnunet):
+    cfg = cfg or load_config()
+    cfg["evaluation"]["bone_mask"]["backend"] = "nnunet"
+    cfg["evaluation"]["bone_mask"]["nnunet"].update(nnunet)
+    return cfg
+
+
+def test_nnunet_bone_backend_trains_on_the_training_hr_and_masks_every_volume(tmp_path):
+    res = run_snakemake(["-n", "--configfile", str(_write_config(tmp_path, _bone_nnunet_config()))], tmp_path)
+    jobs = _jobs(res)
+    assert jobs["bone_nnunet_dataset"] == jobs["bone_nnunet_plan"] == jobs["bone_nnunet_train"] == 1
+    assert "nnunet_dataset" not in jobs  # the femur masks stay with the threshold backend
+    assert jobs["bone_mask"] == 50  # LR, HR and 8 SR variants of the 5 test subjects
+    inputs = _job_inputs(res, "bone_nnunet_dataset")
+    hr = [p for p in inputs if p.endswith("/hr.nii")]
+    truth = [p for p in inputs if p.endswith("/truth")]
+    assert len(hr) == len(truth) == 15  # the split's training subjects, with their truth (labels auto)
+    ckpt = "results/nnunet/nnUNet_results/Dataset502_FemurBone/nnUNetTrainer_femursr__nnUNetPlans__2d/fold_0/checkpoint_final.pth"
+    assert ckpt in _job_inputs(res, "bone_mask")
+    cfg = _bone_nnunet_config(labels="threshold", training_subjects=["S001", "S002"], fold=1)
+    res = run_snakemake(["-n", "--configfile", str(_write_config(tmp_path, cfg))], tmp_path)
+    inputs = _job_inputs(res, "bone_nnunet_dataset")
+    assert not [p for p in inputs if p.endswith("/truth")] and len(inputs) == 4  # 2 HR, 2 femur masks
+
+
+def test_nnunet_bone_backend_config_errors_fail_at_parse_time(tmp_path):
+    cases = [
+        (_bone_nnunet_config(training_subjects=["S001", "S002"], fold=2), "fold 2 does not exist with 2 training volumes"),
+        (_bone_nnunet_config(training_subjects=["S001", "S999"]), "training_subjects: S999 is not a subject with both scans"),
+        (_bone_nnunet_config(model_folder=str(tmp_path / "nowhere")), "evaluation.bone_mask.nnunet.model_folder: nnU-Net model folder"),
+        (_bone_nnunet_config(_nnunet_config(), dataset_id=501), "501 is also the femur model's"),
+        (_bone_nnunet_config(load_config(cohort="sheet", subjects=_paired_sheet(tmp_path)), labels="truth"),
+         "truth labels exist only for the synthetic cohort"),
+    ]  # fmt: skip
+    for cfg, message in cases:
+        res = run_snakemake(["-n", "--configfile", str(_write_config(tmp_path, cfg))], tmp_path, check=False)
+        assert res.returncode != 0 and message in res.stdout + res.stderr, message
+    model = _fake_model_folder(tmp_path)
+    res = run_snakemake(["-n", "--configfile", str(_write_config(tmp_path, _bone_nnunet_config(model_folder=str(model))))], tmp_path)
+    jobs = _jobs(res)
+    assert not {"bone_nnunet_dataset", "bone_nnunet_train"} & set(jobs) and jobs["bone_mask"] == 50
+    assert not (tmp_path / "results").exists()
+
+
 # Measured on the 2-core development machine (shared with other jobs): 5 subjects at 35 % scale,
 # 0.3 mm HR voxels; nnU-Net 2d trained on S001-S004 with the CI budget (3 x 50 iterations;
 # fold 0 trains on S002-S004, S001 is its validation case). Whole run 8.5 min (training 5.4 min)
@@ -245,5 +290,40 @@ def test_nnunet_femur_masks_end_to_end_on_a_small_cohort(tmp_path):
     # nothing half-written left beside the nnU-Net folders
     for d in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_results/Dataset501_Femur"):
         assert not [p.name for p in (tmp_path / "results/nnunet" / d).iterdir() if p.name.startswith(".")]
+    res = run_snakemake(["-n", table, "--configfile", str(cfgfile)], tmp_path)
+    assert "Nothing to be done" in res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_nnunet_bone_masks_end_to_end_on_a_small_cohort(tmp_path):
+    """The nnunet bone backend through the workflow: the model is trained on the training
+    subjects' HR volumes with truth labels, masks LR and HR of the test subjects, and the
+    morphometry tables follow; the HR's bone mask agrees with the truth."""
+    import numpy as np
+
+    from femursr.nnunet import dice
+    from femursr.volume import read_volume
+
+    cfg = _bone_nnunet_config(small_synthetic(n_subjects=5, scale=0.35, voxel=0.3), device="cpu", epochs=2,
+                              iterations_per_epoch=30)  # fmt: skip
+    cfgfile = _write_config(tmp_path, cfg)
+    table = "results/morphometry/all.tsv"
+    run_snakemake(["-c2", table, "--configfile", str(cfgfile)], tmp_path, timeout=3600)
+    morph = pd.read_csv(tmp_path / table, sep="\t")
+    assert set(morph.method) == {"LR", "HR"} and morph.value.notna().any()
+    raw = tmp_path / "results/nnunet/nnUNet_raw/Dataset502_FemurBone"
+    cases = json.loads((raw / "dataset.json").read_text())["femursr"]["cases"]
+    assert sorted(p.name[:-7] for p in (raw / "labelsTr").iterdir()) == sorted(cases)
+    assert len(cases) == 3 and not set(cases) & set(morph.subject)  # the training part, not the test part
+    for s in sorted(set(morph.subject)):
+        rep = json.loads((tmp_path / f"results/evaluation/bone/HR/{s}.json").read_text())
+        assert rep["backend"] == "nnunet" and rep["fold"] == 0 and rep["bone_ml"] > 0
+        bone = read_volume(tmp_path / f"results/evaluation/bone/HR/{s}.nii.gz")
+        tissue = read_volume(tmp_path / f"results/synthetic/{s}/truth/tissue.nii.gz")
+        femur = read_volume(tmp_path / f"results/masks/{s}/femur.nii.gz")
+        truth = (np.asarray(tissue.array) >= 2) & (np.asarray(femur.array) > 0)
+        d = dice(bone.array, truth)
+        print(f"{s}: HR bone mask Dice against the truth {d:.3f}")
+        assert d > 0.7
     res = run_snakemake(["-n", table, "--configfile", str(cfgfile)], tmp_path)
     assert "Nothing to be done" in res.stdout + res.stderr

@@ -6,6 +6,8 @@ from femursr.workflow import limit_threads, script_logging
 
 limit_threads(snakemake.threads)  # noqa: F821  (before numpy and Open3D are imported)
 
+from pathlib import Path
+
 import numba
 
 from femursr.clinical import EvaluationOptions, finish_patient
@@ -28,5 +30,7 @@ with script_logging(snakemake.log[0]) as log:  # noqa: F821
         out_record=sm.output.record,
         out_pdf=sm.output.pdf,
         out_png=sm.output.png,
+        # the nnU-Net bone model folder ({model}/fold_{k}/checkpoint_final.pth), bone-mask backend nnunet
+        bone_model=Path(sm.input.bone_model).parents[1] if sm.input.get("bone_model") else None,
     )
     log.info("patient %s: %s", sm.wildcards.subject, record["status"] if record["status"] == "ok" else record["error"])

@@ -1,4 +1,5 @@
-"""Rule results_tables: image quality, Table 1 (CSV, Markdown, LaTeX) and the statistics."""
+"""Rule results_tables: image quality, Table 1 (CSV, Markdown, LaTeX), the statistics, and the
+three on one HTML page for `snakemake --report` (femursr.plots.results_page)."""
 
 from femursr.workflow import limit_threads, script_logging
 
@@ -9,6 +10,7 @@ import json
 import pandas as pd
 
 from femursr.atomic import atomic_file, write_tsv
+from femursr.plots import results_page
 from femursr.quality import quality_table
 from femursr.tables import better_counts, statistics_table, table1, table1_layout, to_latex, to_markdown
 
@@ -39,3 +41,11 @@ with script_logging(snakemake.log[0]) as log:  # noqa: F821
     counts = better_counts(stats_long).reset_index()
     write_tsv(counts, sm.output.summary, sep=",")
     log.info("significantly better than the LR (of %d metric x ROI tables):\n%s", len(stats_long.groupby(["metric", "region"])), counts.to_string(index=False))
+
+    # the page reads the tables back as written, so that it shows exactly what the CSVs hold
+    read = lambda p: pd.read_csv(p, keep_default_na=True)  # noqa: E731
+    page = results_page(read(sm.output.quality), read(sm.output.table1), read(sm.output.statistics), read(sm.output.summary),
+                        alpha=st["alpha"], p_adjust=st["p_adjust"], subjects=sm.params.subjects)  # fmt: skip
+    with atomic_file(sm.output.html) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    log.info("results page: %d characters, %d test subjects", len(page), len(sm.params.subjects))

@@ -1,6 +1,15 @@
 """Bone-structure masks of the evaluated volumes (LR on the HR grid, SR, HR), and the femur outline
 each volume's own bone mask gives (paper section 3.1, step 1).
 
+Two backends (config ``evaluation.bone_mask.backend``), both kept inside the femur mask; a
+function for either comes from :func:`bone_segmenter`.
+
+Backend ``nnunet`` (the paper's: "a binary bone mask is then generated from a nnUNet trained on
+HR-CTs"): an nnU-Net (``femursr.nnunet``, label ``bone``) trained on the training subjects' HR
+volumes at their own voxel size, with the synthetic truth (trabecular bone and cortex) or the
+HR's threshold mask (:func:`training_bone_label`) as labels; it predicts on the evaluated volume's
+own grid, over the femur mask's bounding box (:func:`nnunet_bone_mask`).
+
 Backend ``threshold``: Gaussian smoothing (``sigma_mm``) and one global threshold on the
 normalized intensity ([0, 1], the window of ``preprocessing.normalize``), kept inside the femur
 mask, as Scanco's and BoneJ's users segment HR-pQCT (Scanco's default smoothing, sigma 0.8 voxel
@@ -15,6 +24,7 @@ surface places the ROIs when every volume places its own (``evaluation.roi_sourc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -62,6 +72,97 @@ def threshold_bone_mask(vol: Volume, femur: Volume, params: BoneThreshold, label
             slab = ndi.gaussian_filter(slab, sigma_zyx, mode="nearest")
         out[z0:z1] = (slab[z0 - a0 : z1 - a0] > params.threshold) & (f[z0:z1] > 0)
     return femur.with_array(out)
+
+
+def femur_box(femur: Volume, margin_vox: int = 2) -> tuple[slice, slice, slice] | None:
+    """The (z, y, x) slices of the femur mask's bounding box grown by ``margin_vox`` (clipped to
+    the array); ``None`` when the mask is empty."""
+    f = np.asarray(femur.array) > 0
+    box = []
+    for ax in range(3):
+        idx = np.flatnonzero(f.any(axis=tuple(j for j in range(3) if j != ax)))
+        if idx.size == 0:
+            return None
+        box.append(slice(max(0, idx[0] - margin_vox), min(f.shape[ax], idx[-1] + 1 + margin_vox)))
+    return tuple(box)
+
+
+def crop(vol: Volume, box) -> Volume:
+    """The part of ``vol`` inside ``box`` ((z, y, x) slices), with its origin moved to the box."""
+    start = [b.start for b in box]  # z, y, x
+    origin = vol.index_to_physical(np.asarray(start[::-1], float))
+    return Volume(np.ascontiguousarray(np.asarray(vol.array)[box]), vol.spacing, tuple(origin), vol.direction)
+
+
+def nnunet_bone_mask(predictor, vol: Volume, femur: Volume, *, threshold: float = 0.5, label: str = "volume") -> Volume:
+    """Bone (uint8 0/1) predicted by an nnU-Net bone model (``femursr.nnunet.load_model``) on
+    ``vol``'s own grid, inside ``femur`` (same grid).
+
+    Only the femur mask's bounding box is given to nnU-Net (the rest is outside the femur); the
+    bone probability (label ``bone``) is thresholded at ``threshold``. The model must have been
+    trained on volumes normalized like ``vol`` and at about its voxel size.
+    """
+    from .nnunet import predict_probability
+
+    if not vol.same_grid(femur):
+        raise ValueError(
+            f"{label}: the volume {vol.shape} at {vol.spacing} mm and the femur mask {femur.shape} at "
+            f"{femur.spacing} mm are not on the same grid; both must be on the HR grid"
+        )
+    out = np.zeros(vol.shape, np.uint8)
+    box = femur_box(femur)
+    if box is None:
+        return femur.with_array(out)
+    part = crop(vol, box)
+    a = np.asarray(part.array, np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{label}: the volume holds NaN or infinite values inside the femur's bounding box")
+    prob = predict_probability(predictor, part.with_array(a), "bone")
+    out[box] = (np.asarray(prob.array) >= threshold) & (np.asarray(femur.array)[box] > 0)
+    return femur.with_array(out)
+
+
+def training_bone_label(source: str, hr: Volume, femur: Volume, tissue: Volume | None = None,
+                        params: BoneThreshold | None = None, label: str = "volume") -> Volume:  # fmt: skip
+    """The bone label (uint8 0/1, inside ``femur``) an nnU-Net bone model is trained on, for one
+    training subject's normalized ``hr``: ``truth`` (the synthetic cohort: tissue classes 2,
+    trabecular bone, and 3, cortex, of ``tissue`` on the HR grid) or ``threshold`` (the HR's own
+    threshold mask with ``params``: the nnU-Net then learns the threshold segmentation of the HR
+    and applies it to the LR and SR volumes, which differ from the HR in blur and noise)."""
+    if source == "truth":
+        if tissue is None:
+            raise ValueError(f"{label}: truth labels need the synthetic tissue map")
+        if not tissue.same_grid(hr):
+            raise ValueError(f"{label}: the tissue map {tissue.shape} at {tissue.spacing} mm is not on the HR grid {hr.shape}")
+        bone = (np.asarray(tissue.array) >= 2) & (np.asarray(femur.array) > 0)
+        return femur.with_array(bone.astype(np.uint8))
+    if source == "threshold":
+        return threshold_bone_mask(hr, femur, params or BoneThreshold(), label=label)
+    raise ValueError(f"{label}: unknown bone label source {source!r} (truth or threshold)")
+
+
+def bone_segmenter(options: dict, model_folder=None) -> Callable[[Volume, Volume, str], Volume]:
+    """A function ``(volume, femur, label) -> bone mask`` for config ``evaluation.bone_mask``
+    (``options``): the threshold backend, or the nnunet backend with the model in
+    ``model_folder`` (loaded once; fold, device and mirroring from ``options["nnunet"]``)."""
+    backend = options["backend"]
+    if backend == "threshold":
+        params = BoneThreshold(sigma_mm=options["sigma_mm"], threshold=options["threshold"])
+        return lambda vol, femur, label="volume": threshold_bone_mask(vol, femur, params, label=label)
+    if backend == "nnunet":
+        from .nnunet import load_model
+
+        if model_folder is None:
+            raise ValueError("bone mask: the nnunet backend needs the folder of a trained bone model")
+        nn = options["nnunet"]
+        predictor = load_model(model_folder, folds=[nn["fold"]], device=nn["device"], mirroring=nn["mirroring"])
+        if "bone" not in predictor.dataset_json["labels"]:
+            raise ValueError(
+                f"nnU-Net model {model_folder} has no label 'bone' (its labels: {', '.join(predictor.dataset_json['labels'])}): "
+                "evaluation.bone_mask.nnunet.model_folder must be a bone-structure model, not the femur model"
+            )
+        return lambda vol, femur, label="volume": nnunet_bone_mask(predictor, vol, femur, label=label)
+    raise ValueError(f"unknown bone-mask backend {backend!r} (threshold or nnunet)")
 
 
 def _closing(mask: np.ndarray, r_mm: float, sp_zyx) -> np.ndarray:

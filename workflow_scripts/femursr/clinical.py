@@ -444,13 +444,14 @@ def roi_edge_vox(opts: EvaluationOptions, card: dict, grid_voxel_mm: float) -> i
 
 
 def evaluate_clinical(prepared_dir, sr_path, samples_dir, templates_path, card: dict, opts: EvaluationOptions, *, seed: int,
-                      subject: str) -> tuple[pd.DataFrame, dict]:  # fmt: skip
+                      subject: str, bone_model=None) -> tuple[pd.DataFrame, dict]:  # fmt: skip
     """Step 3: bone mask, ROIs and morphometry of a patient's SR volume. Returns the metrics (one
     row per region and metric, :data:`TABLE_COLUMNS`) and a record (placement, ROIs, per-sample
     values). ROIs come from the volume's own bone mask; when it outlines less than
     ``min_outline_fraction`` of the femur mask, or its match fails, from the femur mask itself
-    (``placed_by`` says which). Raises :class:`ClinicalInputError` when neither places them."""
-    from .bonemask import BoneThreshold, bone_outline, threshold_bone_mask, volume_ml
+    (``placed_by`` says which). ``bone_model``: the nnU-Net bone model folder (bone-mask backend
+    nnunet). Raises :class:`ClinicalInputError` when neither places them."""
+    from .bonemask import bone_outline, bone_segmenter, volume_ml
     from .pointcloud import MatchParams
     from .roimetrics import roi_morphometry
     from .rois import place_from_outline, roi_boxes
@@ -460,8 +461,8 @@ def evaluate_clinical(prepared_dir, sr_path, samples_dir, templates_path, card: 
     label = f"patient {subject}"
     femur = read_volume(prepared_dir / PREPARED_FEMUR)
     sr = read_volume(sr_path)
-    bone_params = BoneThreshold(sigma_mm=opts.bone_mask["sigma_mm"], threshold=opts.bone_mask["threshold"])
-    bone = threshold_bone_mask(sr, femur, bone_params, label=label)
+    segment = bone_segmenter(opts.bone_mask, bone_model)
+    bone = segment(sr, femur, label)
     outline = bone_outline(bone, femur, opts.outline_closing_mm, opts.surface_voxel_mm)
     femur_ml, outline_ml = volume_ml(femur), volume_ml(outline)
     fraction = outline_ml / femur_ml if femur_ml else 0.0
@@ -494,7 +495,7 @@ def evaluate_clinical(prepared_dir, sr_path, samples_dir, templates_path, card: 
     values = {r.region: roi_morphometry(bone, femur, r, opts.context_mm) for r in rois}
     per_sample = []
     for path in sample_files(samples_dir):
-        b = threshold_bone_mask(read_volume(path), femur, bone_params, label=f"{label} ({path.name})")
+        b = segment(read_volume(path), femur, f"{label} ({path.name})")
         per_sample.append({r.region: roi_morphometry(b, femur, r, opts.context_mm) for r in rois})
     rows = []
     for r in rois:
@@ -682,7 +683,8 @@ def summary_page(pdf, png, *, subject: str, card: dict, status: dict, table: pd.
 
 
 def finish_patient(*, subject: str, prepared_dir, card_path, templates=None, sr=None, timing=None, samples_dir=None,
-                   options: EvaluationOptions, seed: int, out_metrics, out_record, out_pdf, out_png) -> dict:  # fmt: skip
+                   options: EvaluationOptions, seed: int, out_metrics, out_record, out_pdf, out_png,
+                   bone_model=None) -> dict:  # fmt: skip
     """Steps 3 and 4 for one patient: the metrics file (``metrics.csv``; an error record when the
     scan could not be used or the ROIs cannot be placed), the record (JSON: preparation, placement,
     ROIs, per-sample values, the model card) and the summary page. ``sr``, ``timing``,
@@ -693,7 +695,8 @@ def finish_patient(*, subject: str, prepared_dir, card_path, templates=None, sr=
     evaluation, tim = None, None
     if status["status"] == "ok":
         try:
-            table, evaluation = evaluate_clinical(prepared_dir, sr, samples_dir, templates, card, options, seed=seed, subject=subject)
+            table, evaluation = evaluate_clinical(prepared_dir, sr, samples_dir, templates, card, options, seed=seed, subject=subject,
+                                                  bone_model=bone_model)  # fmt: skip
             tim = json.loads(Path(timing).read_text())
         except ClinicalInputError as err:
             status = {**status, "status": "error", "error": str(err), "stage": "ROI placement"}

@@ -1,4 +1,9 @@
-"""Femur masks by nnU-Net v2: dataset, planning, training and prediction (paper section 2.1).
+"""nnU-Net v2 for femursr: dataset, planning, training and prediction.
+
+Two models use it: the femur mask of preprocessing (paper section 2.1, dataset 501, label
+``femur``) and the bone-structure mask of the evaluation (section 3.1, dataset 502, label
+``bone``, trained on HR volumes at their own voxel size; ``femursr.bonemask``). The text below
+describes the femur model; the bone model differs only in its label, its cases and its spacing.
 
 The paper masks the femur with a 3D nnU-Net trained on 1 mm femur crops of TotalSegmentator
 CTs; the mask is predicted on the LR scan downsampled to 1 mm and brought back to the HR grid.
@@ -67,7 +72,6 @@ log = logging.getLogger(__name__)
 TRAINER = "nnUNetTrainer_femursr"
 PLANS = "nnUNetPlans"
 CHANNEL_NAMES = {"0": "CT"}  # "CT" selects nnU-Net's CT normalization (dataset-wide clip + z-score)
-LABELS = {"background": 0, "femur": 1}
 FILE_ENDING = ".nii.gz"
 CHECKPOINT = "checkpoint_final.pth"
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
@@ -205,22 +209,25 @@ def assemble_dataset(
     *,
     spacing_mm: float | None = 1.0,
     description: str = "",
+    label: str = "femur",
 ) -> Path:
     """Write an nnU-Net raw dataset from labelled CTs; returns its folder.
 
-    ``cases``: (case id, CT image in HU, binary femur mask on the same grid), e.g. a generator
+    ``cases``: (case id, CT image, binary mask of ``label`` on the same grid), e.g. a generator
     that reads one case at a time. Each is resampled to ``spacing_mm`` isotropic (``None``: kept
     as it is) and written as ``imagesTr/{case}_0000.nii.gz`` and ``labelsTr/{case}.nii.gz`` in
     ``root/nnUNet_raw/Dataset{id:03d}_{name}``, with ``dataset.json`` (channel 0 "CT", labels
-    background 0 and femur 1). The folder appears only when complete, replacing an older one.
+    background 0 and ``label`` 1). The folder appears only when complete, replacing an older one.
     """
+    if not _CASE_ID.match(label) or label == "background":
+        raise ValueError(f"nnU-Net label {label!r}: a name of letters, digits and '-', not 'background'")
     folder = nnunet_folders(root)["nnUNet_raw"] / dataset_name(dataset_id, name)
     seen: list[str] = []
     with atomic_dir(folder) as tmp:
         (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
         for case_id, image, mask in cases:
-            _check_case(case_id, image, mask, seen)
+            _check_case(case_id, image, mask, seen, label)
             if spacing_mm is not None:
                 grid = isotropic_grid(image, spacing_mm)
                 image = resample_to(image, grid)
@@ -236,18 +243,18 @@ def assemble_dataset(
             raise ValueError(f"{folder.name}: nnU-Net needs at least 2 labelled cases, got {len(seen)}")
         meta = {
             "channel_names": CHANNEL_NAMES,
-            "labels": LABELS,
+            "labels": {"background": 0, label: 1},
             "numTraining": len(seen),
             "file_ending": FILE_ENDING,
             "name": name,
-            "description": description or "femur masks for femursr (paper section 2.1)",
+            "description": description or f"{label} masks for femursr",
             "femursr": {"spacing_mm": spacing_mm, "cases": seen},
         }
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
     return folder
 
 
-def _check_case(case_id, image: Volume, mask: Volume, seen: list) -> None:
+def _check_case(case_id, image: Volume, mask: Volume, seen: list, label: str = "femur") -> None:
     if not isinstance(case_id, str) or not _CASE_ID.match(case_id):
         raise ValueError(f"case {case_id!r}: case ids are letters, digits and '-' (no '_', nnU-Net's channel separator)")
     if case_id in seen:
@@ -259,7 +266,7 @@ def _check_case(case_id, image: Volume, mask: Volume, seen: list) -> None:
     if not np.isin(vals, (0, 1)).all():
         raise ValueError(f"case {case_id}: the mask must be binary (0/1), found values {vals[:8].tolist()}")
     if not (m > 0).any():
-        raise ValueError(f"case {case_id}: the femur mask is empty")
+        raise ValueError(f"case {case_id}: the {label} mask is empty")
 
 
 _CASE_COLUMNS = ("image", "mask", "case")
