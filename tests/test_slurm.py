@@ -41,7 +41,8 @@ SITE_KEYS = (
     r"set-resources\.\w+\.gpu_model",
 )
 # femur_mask asks for a GPU only with preprocessing.mask.nnunet.device: cuda (see the profile)
-GPU_RULES_ON_CPU_NODES = {"femur_mask"}
+# rules that declare a GPU only when their nnU-Net is told to use cuda (prediction is short)
+GPU_RULES_ON_CPU_NODES = {"femur_mask", "bone_mask", "clinical_evaluate"}
 
 
 def _flat(d, prefix=""):
@@ -65,7 +66,7 @@ def _gpu_rules():
     for smk in sorted((REPO / "rules").glob("*.smk")):
         rule = None
         for line in smk.read_text().splitlines():
-            m = re.match(r"(?:rule|checkpoint) (\w+):", line)
+            m = re.match(r"(?:rule|checkpoint) (\w+):", line) or re.match(r"use rule \w+ as (\w+) with:", line)
             if m:
                 rule = m.group(1)
             elif rule and re.match(r"\s+gpu\s*=", line):
@@ -76,7 +77,8 @@ def _gpu_rules():
 def _rules():
     names = set()
     for smk in (REPO / "rules").glob("*.smk"):
-        names |= set(re.findall(r"^(?:rule|checkpoint) (\w+):", smk.read_text(), flags=re.M))
+        found = re.findall(r"^(?:rule|checkpoint) (\w+):|^use rule \w+ as (\w+) with:", smk.read_text(), flags=re.M)
+        names |= {a or b for a, b in found}
     return names
 
 
@@ -96,7 +98,7 @@ def test_h100_profile_sends_every_gpu_rule_to_the_gpu_partition():
     cpu_partition = prof["default-resources"]["slurm_partition"]
     sets = prof["set-resources"]
     gpu_rules = _gpu_rules()
-    assert {"train_sr", "sr_infer", "nnunet_train"} <= gpu_rules
+    assert {"train_sr", "sr_infer", "nnunet_train", "bone_nnunet_train", "bone_mask"} <= gpu_rules
     for rule in sorted(gpu_rules - GPU_RULES_ON_CPU_NODES):
         res = sets.get(rule, {})
         assert res.get("slurm_partition") not in (None, cpu_partition), f"profiles/slurm-h100: rule {rule} declares gpu but has no GPU partition in set-resources"
