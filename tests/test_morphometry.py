@@ -16,9 +16,9 @@ def plates(thickness, gap, n_periods=4, lateral=48):
     return a
 
 
-def brute_force_thickness(mask, spacing_zyx):
+def brute_force_thickness(mask, spacing_zyx, black_border=False):
     """Every phase voxel's ball painted, no ridge: the definition, for small arrays."""
-    d2 = edt.edtsq(mask, anisotropy=spacing_zyx, black_border=False).astype(np.float64)
+    d2 = edt.edtsq(mask, anisotropy=spacing_zyx, black_border=black_border).astype(np.float64)
     idx = np.argwhere(mask)
     out = np.zeros(mask.shape)
     sz, sy, sx = spacing_zyx
@@ -38,6 +38,33 @@ def test_ridge_and_runs_equal_painting_every_ball(spacing):
         fast = local_thickness(phase, spacing)
         ref = brute_force_thickness(phase, spacing)
         np.testing.assert_allclose(fast, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "spacing, black_border", [((1.0, 1.0, 1.0), True), ((0.3, 0.3, 0.3), False), ((1.0, 0.7, 0.5), True)]
+)
+def test_skipped_balls_and_sections_leave_the_map_of_every_ball_bit_for_bit(spacing, black_border):
+    # larger balls than above, so that most planes of most balls are skipped
+    rng = np.random.default_rng(5)
+    a = ndi.gaussian_filter(rng.standard_normal((20, 22, 18)), 2.5) > 0.1
+    for phase in (a, ~a):
+        ref = brute_force_thickness(phase, spacing, black_border).astype(np.float32)
+        np.testing.assert_array_equal(local_thickness(phase, spacing, black_border), ref)
+
+
+def test_containment_is_exact_at_a_spacing_that_rounds():
+    # 0.3 mm voxels: a ball whose farthest point from a neighbour lies exactly on the
+    # neighbour's sphere (|x|^2 = d2 = 4.5 mm^2, not inside the open ball) must stay. A table
+    # summing the offsets in mm (x s + o s, one unit in the last place off (x + o) s) once
+    # dropped it: 3.60 instead of 3.65 at voxel (1, 7, 4).
+    marrow = [(0, 7, 0), (0, 7, 1), (0, 7, 2), (0, 7, 3), (1, 7, 0), (1, 7, 1), (1, 7, 2), (2, 7, 0), (2, 7, 1),
+              (3, 6, 0), (3, 7, 0), (3, 7, 1), (4, 6, 0), (4, 7, 0), (4, 7, 1), (5, 3, 0), (5, 4, 0), (5, 5, 0),
+              (5, 6, 0), (5, 7, 0)]  # fmt: skip
+    bone = np.ones((6, 8, 5), bool)
+    bone[tuple(np.array(marrow).T)] = False
+    th = local_thickness(bone, (0.3, 0.3, 0.3))
+    np.testing.assert_array_equal(th, brute_force_thickness(bone, (0.3, 0.3, 0.3)).astype(np.float32))
+    assert th[1, 7, 4] == pytest.approx(2 * np.sqrt(3.33), rel=1e-6)
 
 
 def test_sphere_and_rods_give_the_exact_voxel_values():

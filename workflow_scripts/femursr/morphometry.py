@@ -12,10 +12,16 @@ contains the voxel, computed exactly at the voxel level:
 
 This is the definition of ORMIR_XCT's exact mode (``oversample=False, skeletonize=False``), which
 paints every voxel's ball; a sphere of radius 20 voxels centred on a voxel corner gives a mean
-of 38.38 voxels, parallel rods of diameter 8 give 7.21. Here only the balls that are not
-contained in a 26-neighbour's ball are painted (containment of the lattice balls, tested exactly
-from a table, so the map is unchanged), plane by plane in parallel, and each ball row is painted
-as one run.
+of 38.38 voxels, parallel rods of diameter 8 give 7.21. Here the same map is painted from far
+fewer balls and sections, each skip proven from exact tables (:func:`_cover_table`,
+:func:`_ball_tables`) that evaluate ``|x - c|^2`` exactly as the painting does:
+
+* a ball contained in a 26-neighbour's ball is not painted (:func:`_ridge`);
+* on a plane, the section of a kept ball is not painted when it lies inside the section of a
+  26-neighbour's ball of larger radius (:func:`_planes`); this leaves each ball a few planes
+  around its equator;
+* the remaining sections are painted plane by plane in parallel, each row as one run, the row
+  widths read from a table per ball (:func:`_paint`).
 
 The array's edge is by default *not* a phase boundary (``black_border=False``): an ROI cut from a
 larger structure continues beyond its faces, so balls are clipped by the edge rather than shrunk
@@ -43,6 +49,8 @@ OFFSETS = np.array(
 )
 CLASSES = np.array([(0, 0, 1), (0, 1, 0), (1, 0, 0), (0, 1, 1), (1, 0, 1), (1, 1, 0), (1, 1, 1)], np.int64)
 OFFSET_CLASS = np.array([[tuple(c) for c in CLASSES.tolist()].index(tuple(abs(o) for o in off)) for off in OFFSETS.tolist()], np.int64)
+#: offsets after the centre in raster order (the tie-break of equal radii in :func:`_planes`)
+OFFSET_LATER = np.array([tuple(o) > (0, 0, 0) for o in OFFSETS.tolist()])
 
 
 def _cover_table(r2_max: float, sz: float, sy: float, sx: float) -> tuple[np.ndarray, np.ndarray]:
@@ -58,17 +66,58 @@ def _cover_table(r2_max: float, sz: float, sy: float, sx: float) -> tuple[np.nda
     """
     spacing = np.array([sz, sy, sx])
     n = (np.floor(np.sqrt(r2_max) / spacing) + 1).astype(int)
-    g = np.stack(np.meshgrid(*(np.arange(k + 1) for k in n), indexing="ij"), -1).reshape(-1, 3) * spacing
-    n2 = (g**2).sum(1)
+    # integer grid offsets times the spacing, squared and summed z, y, x: |x|^2 as the painting
+    # evaluates it, so that the table is exact for the painted balls
+    g = np.stack(np.meshgrid(*(np.arange(k + 1) for k in n), indexing="ij"), -1).reshape(-1, 3)
+    n2 = ((g * spacing) ** 2).sum(1)
     inside = n2 <= r2_max * (1 + 1e-12)
     g, n2 = g[inside], n2[inside]
     order = np.argsort(n2, kind="stable")
     g, n2 = g[order], n2[order]
     last = np.r_[np.flatnonzero(np.diff(n2) > 0), len(n2) - 1]  # last point of each distinct norm
     cover = np.empty((len(last), len(CLASSES)))
-    for c, o in enumerate(CLASSES * spacing):
-        cover[:, c] = np.maximum.accumulate(((g + o) ** 2).sum(1))[last]
+    for c, o in enumerate(CLASSES):
+        cover[:, c] = np.maximum.accumulate((((g + o) * spacing) ** 2).sum(1))[last]
     return n2[last], cover
+
+
+@numba.njit(cache=True)
+def _linear(offsets, ny, nx):
+    """The offsets (dz, dy, dx) as steps in the flattened array."""
+    lin = np.empty(offsets.shape[0], np.int64)
+    for j in range(offsets.shape[0]):
+        lin[j] = (offsets[j, 0] * ny + offsets[j, 1]) * nx + offsets[j, 2]
+    return lin
+
+
+@numba.njit(cache=True, inline="always")
+def _inside(z, y, x, o, nz, ny, nx):
+    return 0 <= z + o[0] < nz and 0 <= y + o[1] < ny and 0 <= x + o[2] < nx
+
+
+@numba.njit(cache=True)
+def _norm_index(norms, nb):
+    """Buckets for the ball index: ``k = #norms < b`` starts at ``first[int(b * scale)]``."""
+    scale = nb / norms[-1] if norms[-1] > 0 else 1.0
+    first = np.empty(nb + 2, np.int64)
+    k = 0
+    for i in range(nb + 2):
+        while k < norms.shape[0] and norms[k] * scale < i:
+            k += 1
+        first[i] = k
+    return scale, first
+
+
+@numba.njit(cache=True, inline="always")
+def _ball_index(b, norms, scale, first):
+    """The number of norms below b (np.searchsorted(norms, b)), from the buckets."""
+    i = min(int(b * scale), first.shape[0] - 1)
+    k = first[i]
+    while k > 0 and norms[k - 1] >= b:
+        k -= 1
+    while k < norms.shape[0] and norms[k] < b:
+        k += 1
+    return k
 
 
 @numba.njit(parallel=True, cache=True)
@@ -78,66 +127,295 @@ def _ridge(d2, norms, cover, offsets, offset_class):
     The ball of centre c holds the voxels x with |x - c|^2 < d2[c]; it lies inside the ball of
     the neighbour n = c + o exactly when d2[n] > max |x - o|^2 over the ball's points, read from
     the table of :func:`_cover_table`. Dropping such centres leaves the thickness map unchanged.
+    Returns, for the kept centres, the ball's index ``k`` (the number of norms below d2[c], so
+    that the ball is ``{x : |x|^2 <= norms[k - 1]}``), and 0 elsewhere; and the index of each
+    plane's first kept centre in raster order (``start``, with the total at the end).
     """
     nz, ny, nx = d2.shape
-    keep = np.zeros(d2.shape, np.bool_)
-    for z in numba.prange(nz):
+    no = offsets.shape[0]
+    lin = _linear(offsets, ny, nx)
+    bound = np.empty((cover.shape[0], no))  # bound[k, j] = cover[k, class of offset j]
+    for k in range(cover.shape[0]):
+        for j in range(no):
+            bound[k, j] = cover[k, offset_class[j]]
+    scale, first = _norm_index(norms, 4 * norms.shape[0])
+    f = d2.reshape(-1)
+    ball = np.zeros(d2.shape, np.int32)
+    out = ball.reshape(-1)
+    count = np.zeros(nz + 1, np.int64)
+    for zp in numba.prange(nz):
+        z = np.int64(zp)  # a prange index may be unsigned
+        kept = 0
         for y in range(ny):
+            rim = z == 0 or z == nz - 1 or y == 0 or y == ny - 1
             for x in range(nx):
-                b = np.float64(d2[z, y, x])
+                p = (z * ny + y) * nx + x
+                b = np.float64(f[p])
                 if b <= 0:
                     continue
-                k = np.searchsorted(norms, b)  # distinct norms^2 below b
+                k = _ball_index(b, norms, scale, first)
                 contained = False
-                for j in range(offsets.shape[0]):
-                    zz = z + offsets[j, 0]
-                    yy = y + offsets[j, 1]
-                    xx = x + offsets[j, 2]
-                    if zz < 0 or zz >= nz or yy < 0 or yy >= ny or xx < 0 or xx >= nx:
-                        continue
-                    if np.float64(d2[zz, yy, xx]) > cover[k - 1, offset_class[j]]:
-                        contained = True
-                        break
-                keep[z, y, x] = not contained
-    return keep
+                if rim or x == 0 or x == nx - 1:
+                    for j in range(no):
+                        if _inside(z, y, x, offsets[j], nz, ny, nx) and np.float64(f[p + lin[j]]) > bound[k - 1, j]:
+                            contained = True
+                            break
+                else:
+                    for j in range(no):
+                        if np.float64(f[p + lin[j]]) > bound[k - 1, j]:
+                            contained = True
+                            break
+                if not contained:
+                    out[p] = k
+                    kept += 1
+        count[z + 1] = kept
+    return ball, np.cumsum(count)
 
 
 @numba.njit(parallel=True, cache=True)
-def _paint(shape, cz, cy, cx, r2, start, rz_max, sz, sy, sx, out):
-    """out[x] = 2 max sqrt(r2[c]) over centres c with |x - c|^2 < r2[c], plane by plane.
-
-    Centres are grouped by plane (``start[z]:start[z+1]``), each group sorted by decreasing
-    radius, so a plane's scan of a group stops at the first ball too small to reach it.
-    """
-    nz, ny, nx = shape
+def _centres(ball, d2, start):
+    """The kept centres in raster order (plane z: ``start[z]:start[z + 1]``): y, x, ball index
+    and painted value ``float32(2 sqrt(d2))``."""
+    nz, ny, nx = ball.shape
+    n = start[nz]
+    cy = np.empty(n, np.int32)
+    cx = np.empty(n, np.int32)
+    ck = np.empty(n, np.int32)
+    cd = np.empty(n, np.float32)
     for z in numba.prange(nz):
-        z0 = max(0, z - rz_max)
-        z1 = min(nz - 1, z + rz_max)
-        for zc in range(z0, z1 + 1):
-            ez = ((z - zc) * sz) ** 2
-            for i in range(start[zc], start[zc + 1]):
-                q = r2[i]
-                if ez >= q:
+        i = start[z]
+        for y in range(ny):
+            for x in range(nx):
+                k = ball[z, y, x]
+                if k > 0:
+                    cy[i] = y
+                    cx[i] = x
+                    ck[i] = k
+                    cd[i] = np.float32(2.0 * np.sqrt(np.float64(d2[z, y, x])))
+                    i += 1
+    return cy, cx, ck, cd
+
+
+@numba.njit(cache=True)
+def _ball_tables(norms, used, sz, sy, sx, nz, ny, nx):
+    """Sections of the lattice balls ``{x : |x|^2 <= norms[k - 1]}`` for the used ``k``, clipped
+    to offsets below the array's size (no painted voxel lies beyond).
+
+    For ball k: ``rz[k]`` its half-height in planes; ``E[zofs[k] + |dz|]`` the half-height in rows
+    of its section at plane offset dz; ``H[hofs[k] + |dz| (ry[k] + 1) + |dy|]`` the half-width of
+    row (dz, dy) (-1 outside); ``S[zofs[k] + |dz|, c]`` the largest squared distance from a point
+    of that section to a centre at offset (oz, oy, ox) from the ball's, class
+    ``c = 4 (oz + 1) + 2 oy + ox``, oz in -1..1 counted towards the section (so the planes are
+    |dz| - oz apart), oy and ox in 0..1 (the section is symmetric in y and x; the farthest point
+    of a row from an offset centre is one end of the row). ``|x|^2`` is evaluated as the
+    painting does, ``((dz sz)^2 + (dy sy)^2) + (dx sx)^2``, and the norms come from the same grid
+    points evaluated the same way (:func:`_cover_table`), so ``|x|^2 <= norms[k - 1]`` holds
+    exactly when ``|x|^2 < b`` for every b with k norms below it.
+    """
+    nk = norms.shape[0] + 1
+    rz = np.zeros(nk, np.int64)
+    ry = np.zeros(nk, np.int64)
+    zofs = np.zeros(nk, np.int64)
+    hofs = np.zeros(nk, np.int64)
+    ne = 0
+    nh = 0
+    for k in range(1, nk):
+        if not used[k]:
+            continue
+        t = norms[k - 1]
+        a = 0
+        while a < nz - 1 and ((a + 1) * sz) ** 2 <= t:
+            a += 1
+        b = 0
+        while b < ny - 1 and 0.0 + ((b + 1) * sy) ** 2 <= t:
+            b += 1
+        rz[k] = a
+        ry[k] = b
+        zofs[k] = ne
+        hofs[k] = nh
+        ne += rz[k] + 1
+        nh += (rz[k] + 1) * (ry[k] + 1)
+    E = np.empty(ne, np.int32)
+    H = np.full(nh, -1, np.int32)
+    S = np.zeros((ne, 12))
+    for k in range(1, nk):
+        if not used[k]:
+            continue
+        t = norms[k - 1]
+        h0 = 0
+        while h0 < nx - 1 and 0.0 + 0.0 + ((h0 + 1) * sx) ** 2 <= t:
+            h0 += 1
+        w = ry[k] + 1
+        for dz in range(rz[k] + 1):
+            ez = (dz * sz) ** 2
+            h = h0
+            e = -1
+            for dy in range(ry[k] + 1):
+                ey = ez + (dy * sy) ** 2
+                if ey > t:
                     break
-                d = np.float32(2.0 * np.sqrt(q))
-                yc = cy[i]
-                xc = cx[i]
-                rem_z = q - ez
-                ry = int(np.sqrt(rem_z) / sy) + 1
-                for y in range(max(0, yc - ry), min(ny, yc + ry + 1)):
-                    ey = ez + ((y - yc) * sy) ** 2
-                    if ey >= q:
-                        continue
-                    rem = q - ey
-                    h = int(np.sqrt(rem) / sx)
-                    while h > 0 and ey + (h * sx) ** 2 >= q:
-                        h -= 1
-                    while ey + ((h + 1) * sx) ** 2 < q:
-                        h += 1
-                    xa = max(0, xc - h)
-                    xb = min(nx - 1, xc + h)
+                while ey + (h * sx) ** 2 > t:
+                    h -= 1
+                H[hofs[k] + dz * w + dy] = h
+                e = dy
+            E[zofs[k] + dz] = e
+            row = zofs[k] + dz
+            for dy in range(-e, e + 1):
+                h = H[hofs[k] + dz * w + abs(dy)]
+                for oz in range(-1, 2):
+                    fz = ((dz - oz) * sz) ** 2
+                    for oy in range(2):
+                        fy = fz + ((dy - oy) * sy) ** 2
+                        for ox in range(2):
+                            c = (oz + 1) * 4 + oy * 2 + ox
+                            S[row, c] = max(S[row, c], fy + ((h + ox) * sx) ** 2)
+    return rz, ry, zofs, hofs, E, H, S
+
+
+@numba.njit(parallel=True, cache=True)
+def _planes(d2, start, cy, cx, ck, offsets, later, rz, zofs, S, reach):
+    """Planes each kept ball is painted on: plane offsets ``lo[i] <= z - zc <= hi[i]``, and
+    ``cnt[zc, dz + reach]``, the number of balls of plane zc painted on plane zc + dz.
+
+    On plane z the section of ball i is skipped when it lies inside the section of the ball of
+    a 26-neighbour n later in the order (radius, raster index), that is when the farthest point
+    of the section from n (table ``S``) is inside n's ball. That section of n is itself painted,
+    or skipped for the same reason, or n's ball lies inside a kept ball of strictly larger
+    radius (:func:`_ridge`; a lattice ball strictly inside another has fewer points, hence a
+    smaller radius). Each step goes up the strict order, so every skipped section lies inside a
+    painted one of at least its value and the map is unchanged. Planes are tested from the
+    poles inward; the painted range is the hull of the planes not skipped.
+    """
+    nz, ny, nx = d2.shape
+    n = cy.shape[0]
+    lo = np.empty(n, np.int32)
+    hi = np.empty(n, np.int32)
+    no = offsets.shape[0]
+    lin = _linear(offsets, ny, nx)
+    cls = np.empty((no, 2), np.int64)  # column of S for each offset, plane offsets t >= 0 and t < 0
+    for j in range(no):
+        oyx = abs(offsets[j, 1]) * 2 + abs(offsets[j, 2])
+        cls[j, 0] = (offsets[j, 0] + 1) * 4 + oyx
+        cls[j, 1] = (1 - offsets[j, 0]) * 4 + oyx
+    f = d2.reshape(-1)
+    cnt = np.zeros((nz, 2 * reach + 1), np.int64)
+    for zp in numba.prange(nz):
+        z = np.int64(zp)  # a prange index may be unsigned
+        cand_q = np.empty(no)
+        cand_c = np.empty((no, 2), np.int64)
+        for i in range(start[z], start[z + 1]):
+            y = np.int64(cy[i])
+            x = np.int64(cx[i])
+            kj = ck[i]
+            p = (z * ny + y) * nx + x
+            qj = f[p]
+            nc = 0  # the later neighbours: their d2 and S columns
+            if z == 0 or z == nz - 1 or y == 0 or y == ny - 1 or x == 0 or x == nx - 1:
+                for j in range(no):
+                    if _inside(z, y, x, offsets[j], nz, ny, nx):
+                        qn = f[p + lin[j]]
+                        if qn > qj or (qn == qj and later[j]):
+                            cand_q[nc] = np.float64(qn)
+                            cand_c[nc, 0] = cls[j, 0]
+                            cand_c[nc, 1] = cls[j, 1]
+                            nc += 1
+            else:
+                for j in range(no):  # branch-free: the test goes either way at random
+                    qn = f[p + lin[j]]
+                    cand_q[nc] = np.float64(qn)
+                    cand_c[nc, 0] = cls[j, 0]
+                    cand_c[nc, 1] = cls[j, 1]
+                    nc += (qn > qj) | ((qn == qj) & later[j])
+            t_top = min(rz[kj], nz - 1 - z)
+            t_bot = max(-rz[kj], -z)
+            top = t_bot - 1  # no plane left
+            first = nc - 1  # the cover of the previous plane is tried first
+            for t in range(t_top, t_bot - 1, -1):
+                row = zofs[kj] + abs(t)
+                side = 0 if t >= 0 else 1
+                if nc > 0 and S[row, cand_c[first, side]] < cand_q[first]:
+                    continue
+                m = -1
+                for m1 in range(nc):
+                    m = m1 if S[row, cand_c[m1, side]] < cand_q[m1] else m
+                if m < 0:
+                    top = t
+                    break
+                first = m
+            bot = top + 1
+            first = 0
+            for t in range(t_bot, top + 1):
+                row = zofs[kj] + abs(t)
+                side = 0 if t >= 0 else 1
+                if nc > 0 and S[row, cand_c[first, side]] < cand_q[first]:
+                    continue
+                m = -1
+                for m1 in range(nc):
+                    m = m1 if S[row, cand_c[m1, side]] < cand_q[m1] else m
+                if m < 0:
+                    bot = t
+                    break
+                first = m
+            lo[i] = bot
+            hi[i] = top
+            for t in range(bot, top + 1):
+                cnt[z, t + reach] += 1
+    return lo, hi, cnt
+
+
+@numba.njit(parallel=True, cache=True)
+def _paint_lists(start, lo, hi, cnt, reach):
+    """The sections to paint on each plane z, as blocks of centres by plane offset dz = z - zc:
+    ``task[pos[z, dz + reach] : pos[z, dz + reach] + cnt[zc, dz + reach]]``."""
+    nz = start.shape[0] - 1
+    w = 2 * reach + 1
+    pos = np.zeros((nz, w), np.int64)
+    p = 0
+    for z in range(nz):
+        for c in range(w):
+            pos[z, c] = p
+            zc = z - (c - reach)
+            if 0 <= zc < nz:
+                p += cnt[zc, c]
+    task = np.empty(p, np.int32)
+    for zp in numba.prange(nz):
+        zc = np.int64(zp)  # a prange index may be unsigned
+        ptr = np.empty(w, np.int64)
+        for c in range(w):
+            z = zc + c - reach
+            ptr[c] = pos[z, c] if 0 <= z < nz else 0
+        for i in range(start[zc], start[zc + 1]):
+            for dz in range(lo[i], hi[i] + 1):
+                task[ptr[dz + reach]] = i
+                ptr[dz + reach] += 1
+    return task, pos
+
+
+@numba.njit(parallel=True, cache=True)
+def _paint(shape, cy, cx, ck, cd, task, pos, cnt, reach, ry, zofs, hofs, E, H, out):
+    """out[x] = max of the values of the listed sections holding x, plane by plane in parallel,
+    each row of a section painted as one run."""
+    nz, ny, nx = shape
+    for zp in numba.prange(nz):
+        z = np.int64(zp)  # a prange index may be unsigned
+        for c in range(2 * reach + 1):
+            zc = z - (c - reach)
+            if zc < 0 or zc >= nz:
+                continue
+            a = abs(c - reach)
+            p0 = pos[z, c]
+            for p in range(p0, p0 + cnt[zc, c]):
+                i = task[p]
+                k = ck[i]
+                d = cd[i]
+                yc = np.int64(cy[i])
+                xc = np.int64(cx[i])
+                e = np.int64(E[zofs[k] + a])
+                bh = hofs[k] + a * (ry[k] + 1)
+                for y in range(max(0, yc - e), min(ny - 1, yc + e) + 1):
+                    h = np.int64(H[bh + abs(y - yc)])
                     base = (z * ny + y) * nx
-                    for x in range(base + xa, base + xb + 1):
+                    for x in range(base + max(0, xc - h), base + min(nx - 1, xc + h) + 1):
                         out[x] = max(out[x], d)
 
 
@@ -165,15 +443,20 @@ def local_thickness(mask: np.ndarray, spacing_zyx=(1.0, 1.0, 1.0), black_border:
             "not a boundary (pass black_border=True to bound it by the edge)"
         )
     norms, cover = _cover_table(float(d2.max()), sz, sy, sx)
-    keep = _ridge(d2, norms, cover, OFFSETS, OFFSET_CLASS)
-    idx = np.flatnonzero(keep)
-    r2 = d2.ravel()[idx].astype(np.float64)
-    z, y, x = (a.astype(np.int64) for a in np.unravel_index(idx, mask.shape))
-    order = np.lexsort((-r2, z))  # by plane, then by decreasing radius
-    z, y, x, r2 = z[order], y[order], x[order], r2[order]
-    start = np.searchsorted(z, np.arange(mask.shape[0] + 1)).astype(np.int64)
-    rz_max = int(np.sqrt(r2.max()) / sz) + 1
-    _paint(mask.shape, z, y, x, r2, start, rz_max, sz, sy, sx, out.reshape(-1))
+    ball, start = _ridge(d2, norms, cover, OFFSETS, OFFSET_CLASS)
+    if start[-1] >= 2**31:
+        raise ValueError(
+            f"local_thickness: {start[-1]} ball centres, beyond the int32 indices used here; split the volume"
+        )
+    cy, cx, ck, cd = _centres(ball, d2, start)
+    del ball
+    used = np.zeros(len(norms) + 1, bool)
+    used[ck] = True
+    rz, ry, zofs, hofs, E, H, S = _ball_tables(norms, used, sz, sy, sx, *mask.shape)
+    reach = int(rz.max())
+    lo, hi, cnt = _planes(d2, start, cy, cx, ck, OFFSETS, OFFSET_LATER, rz, zofs, S, reach)
+    task, pos = _paint_lists(start, lo, hi, cnt, reach)
+    _paint(mask.shape, cy, cx, ck, cd, task, pos, cnt, reach, ry, zofs, hofs, E, H, out.reshape(-1))
     return out
 
 
