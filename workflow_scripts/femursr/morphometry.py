@@ -272,6 +272,18 @@ def _ball_tables(norms, used, sz, sy, sx, nz, ny, nx):
     return rz, ry, zofs, hofs, E, H, S
 
 
+@numba.njit(cache=True)
+def _covering(S, row, side, cand_c, cand_q, nc, first):
+    """A candidate whose section covers the section of table row ``row`` (``side`` 0 above the
+    centre, 1 below), trying ``first`` (the last plane's cover) before the others; -1 if none."""
+    if nc > 0 and S[row, cand_c[first, side]] < cand_q[first]:
+        return first
+    m = -1
+    for m1 in range(nc):
+        m = m1 if S[row, cand_c[m1, side]] < cand_q[m1] else m
+    return m
+
+
 @numba.njit(parallel=True, cache=True)
 def _planes(d2, start, cy, cx, ck, offsets, later, rz, zofs, S, reach):
     """Planes each kept ball is painted on: plane offsets ``lo[i] <= z - zc <= hi[i]``, and
@@ -331,13 +343,7 @@ def _planes(d2, start, cy, cx, ck, offsets, later, rz, zofs, S, reach):
             top = t_bot - 1  # no plane left
             first = nc - 1  # the cover of the previous plane is tried first
             for t in range(t_top, t_bot - 1, -1):
-                row = zofs[kj] + abs(t)
-                side = 0 if t >= 0 else 1
-                if nc > 0 and S[row, cand_c[first, side]] < cand_q[first]:
-                    continue
-                m = -1
-                for m1 in range(nc):
-                    m = m1 if S[row, cand_c[m1, side]] < cand_q[m1] else m
+                m = _covering(S, zofs[kj] + abs(t), 0 if t >= 0 else 1, cand_c, cand_q, nc, first)
                 if m < 0:
                     top = t
                     break
@@ -345,13 +351,7 @@ def _planes(d2, start, cy, cx, ck, offsets, later, rz, zofs, S, reach):
             bot = top + 1
             first = 0
             for t in range(t_bot, top + 1):
-                row = zofs[kj] + abs(t)
-                side = 0 if t >= 0 else 1
-                if nc > 0 and S[row, cand_c[first, side]] < cand_q[first]:
-                    continue
-                m = -1
-                for m1 in range(nc):
-                    m = m1 if S[row, cand_c[m1, side]] < cand_q[m1] else m
+                m = _covering(S, zofs[kj] + abs(t), 0 if t >= 0 else 1, cand_c, cand_q, nc, first)
                 if m < 0:
                     bot = t
                     break
