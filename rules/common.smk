@@ -167,6 +167,16 @@ def final_targets():
     return targets
 
 
+def _check_nnunet_fold(key, fold, n, what):
+    """Stop at parse time when ``fold`` is not one of nnU-Net's split of ``n`` training ``what``
+    (min(5, n) folds, femursr.nnunet.plan_and_preprocess)."""
+    if fold != "all" and fold >= min(5, n):
+        raise WorkflowError(
+            f"{key}.fold: fold {fold} does not exist with {n} training {what} "
+            f"(folds 0 to {min(5, n) - 1}, or all)"
+        )
+
+
 # ------------------------------------------------------------------ femur masks (nnunet backend)
 # rules/nnunet.smk: nnunet_dataset -> nnunet_plan -> nnunet_train -> femur_mask. Everything below
 # is decided at parse time, so a wrong model folder or a sheet cohort without labelled CTs stops
@@ -240,13 +250,9 @@ elif NNUNET_ON:
             "binary femur masks on their grids; the paper used 1 mm femur crops of "
             "TotalSegmentator CTs), or set `backend: threshold`"
         )
-    _n_cases = len(NNUNET_CASES) + len(NNUNET_SUBJECTS)
-    # nnU-Net's split has min(5, cases) folds (femursr.nnunet.plan_and_preprocess)
-    if NNUNET["fold"] != "all" and NNUNET["fold"] >= min(5, _n_cases):
-        raise WorkflowError(
-            f"{_NNUNET_KEY}.fold: fold {NNUNET['fold']} does not exist with {_n_cases} training "
-            f"cases (folds 0 to {min(5, _n_cases) - 1}, or all)"
-        )
+    _check_nnunet_fold(
+        _NNUNET_KEY, NNUNET["fold"], len(NNUNET_CASES) + len(NNUNET_SUBJECTS), "cases"
+    )
 
 NNUNET_TRAIN_OPTIONS = {
     k: NNUNET[k]
@@ -623,14 +629,9 @@ elif BONE_NNUNET_ON:
             f"{_BONE_KEY}: nnU-Net needs at least 2 training volumes, got "
             f"{len(BONE_NNUNET_SUBJECTS)} (training_subjects, or the split's training part)"
         )
-    if BONE_NNUNET["fold"] != "all" and BONE_NNUNET["fold"] >= min(
-        5, len(BONE_NNUNET_SUBJECTS)
-    ):
-        raise WorkflowError(
-            f"{_BONE_KEY}.fold: fold {BONE_NNUNET['fold']} does not exist with "
-            f"{len(BONE_NNUNET_SUBJECTS)} training volumes (folds 0 to "
-            f"{min(5, len(BONE_NNUNET_SUBJECTS)) - 1}, or all)"
-        )
+    _check_nnunet_fold(
+        _BONE_KEY, BONE_NNUNET["fold"], len(BONE_NNUNET_SUBJECTS), "volumes"
+    )
 BONE_NNUNET_TRAIN_OPTIONS = {k: BONE_NNUNET[k] for k in NNUNET_TRAIN_OPTIONS}
 # the slice of the bone-mask config that bone_mask (and the clinical evaluation) use
 if BONE_NNUNET_ON:

@@ -14,13 +14,11 @@ from femursr import nnunet
 from femursr.bonemask import (
     BoneThreshold,
     bone_segmenter,
-    crop,
-    femur_box,
     nnunet_bone_mask,
     threshold_bone_mask,
     training_bone_label,
 )
-from femursr.volume import Volume
+from femursr.volume import Volume, crop, nonzero_box
 
 
 def _oblique(array, spacing=(0.2, 0.25, 0.3)):
@@ -59,11 +57,11 @@ def test_crop_keeps_physical_positions():
     assert part.array[0, 0, 0] == vol.array[2, 3, 1]
 
 
-def test_femur_box_is_the_bounding_box_with_margin_clipped():
+def test_nonzero_box_is_the_bounding_box_with_margin_clipped():
     f = np.zeros((10, 12, 14), np.uint8)
     f[3:5, 0:4, 9:14] = 1
-    assert femur_box(_oblique(f), margin_vox=2) == (slice(1, 7), slice(0, 6), slice(7, 14))
-    assert femur_box(_oblique(np.zeros_like(f))) is None
+    assert nonzero_box(_oblique(f).array, 2) == (slice(1, 7), slice(0, 6), slice(7, 14))
+    assert nonzero_box(np.zeros_like(f)) is None
 
 
 def test_nnunet_bone_mask_predicts_on_the_femur_box_and_stays_inside_the_femur():

@@ -19,15 +19,15 @@ from femursr.nnunet import assemble_dataset, read_labelled_case
 
 def bone_cases(sm, log):
     """(case, HR, bone label) of each training subject, cropped to its femur's bounding box."""
-    from femursr.bonemask import BoneThreshold, crop, femur_box, training_bone_label
-    from femursr.volume import read_volume
+    from femursr.bonemask import BoneThreshold, training_bone_label
+    from femursr.volume import crop, nonzero_box, read_volume
 
     p = sm.params
     truth = list(sm.input.get("truth", [])) or [None] * len(p.cases)
     for case, image, femur_path, truth_dir in zip(p.cases, sm.input.images, sm.input.femurs, truth):
         label = f"bone nnU-Net training subject {case}"
         hr, femur = read_volume(image), read_volume(femur_path)
-        box = femur_box(femur)
+        box = nonzero_box(femur.array, 2)  # the femur's bounding box and 2 voxels
         if box is None:
             raise ValueError(f"{label}: the femur mask {femur_path} is empty; check the femur mask QC of {case}")
         tissue = read_volume(Path(truth_dir) / "tissue.nii.gz") if truth_dir else None

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage as ndi
 
-from .volume import Volume, read_slab, slab_ranges, slab_thickness
+from .volume import Volume, crop, nonzero_box, read_slab, slab_ranges, slab_thickness
 
 
 @dataclass
@@ -74,26 +74,6 @@ def threshold_bone_mask(vol: Volume, femur: Volume, params: BoneThreshold, label
     return femur.with_array(out)
 
 
-def femur_box(femur: Volume, margin_vox: int = 2) -> tuple[slice, slice, slice] | None:
-    """The (z, y, x) slices of the femur mask's bounding box grown by ``margin_vox`` (clipped to
-    the array); ``None`` when the mask is empty."""
-    f = np.asarray(femur.array) > 0
-    box = []
-    for ax in range(3):
-        idx = np.flatnonzero(f.any(axis=tuple(j for j in range(3) if j != ax)))
-        if idx.size == 0:
-            return None
-        box.append(slice(max(0, idx[0] - margin_vox), min(f.shape[ax], idx[-1] + 1 + margin_vox)))
-    return tuple(box)
-
-
-def crop(vol: Volume, box) -> Volume:
-    """The part of ``vol`` inside ``box`` ((z, y, x) slices), with its origin moved to the box."""
-    start = [b.start for b in box]  # z, y, x
-    origin = vol.index_to_physical(np.asarray(start[::-1], float))
-    return Volume(np.ascontiguousarray(np.asarray(vol.array)[box]), vol.spacing, tuple(origin), vol.direction)
-
-
 def nnunet_bone_mask(predictor, vol: Volume, femur: Volume, *, threshold: float = 0.5, label: str = "volume") -> Volume:
     """Bone (uint8 0/1) predicted by an nnU-Net bone model (``femursr.nnunet.load_model``) on
     ``vol``'s own grid, inside ``femur`` (same grid).
@@ -110,7 +90,7 @@ def nnunet_bone_mask(predictor, vol: Volume, femur: Volume, *, threshold: float 
             f"{femur.spacing} mm are not on the same grid; both must be on the HR grid"
         )
     out = np.zeros(vol.shape, np.uint8)
-    box = femur_box(femur)
+    box = nonzero_box(femur.array, 2)  # the femur's bounding box and 2 voxels
     if box is None:
         return femur.with_array(out)
     part = crop(vol, box)
@@ -215,13 +195,9 @@ def bone_outline(bone: Volume, femur: Volume, closing_mm: float = 1.0, voxel_mm:
     sp_zyx = np.asarray(bone.spacing[::-1], float)
     f = tuple(max(1, int(round(voxel_mm / s))) if voxel_mm else 1 for s in sp_zyx)
     # crop to the bone's bounding box plus the closing radius, on whole blocks
-    lo, hi = [], []
-    for ax in range(3):
-        idx = np.flatnonzero(b.any(axis=tuple(j for j in range(3) if j != ax)))
-        m = int(np.ceil(closing_mm / sp_zyx[ax])) + f[ax]
-        a = max(0, idx[0] - m)
-        lo.append(a - a % f[ax])
-        hi.append(min(b.shape[ax], idx[-1] + 1 + m))
+    grown = nonzero_box(b, [int(np.ceil(closing_mm / sp_zyx[ax])) + f[ax] for ax in range(3)])
+    lo = [g.start - g.start % f[ax] for ax, g in enumerate(grown)]
+    hi = [g.stop for g in grown]
     box = tuple(slice(a, c) for a, c in zip(lo, hi))
     coarse = _block_any(b[box], f)
     solid = _fill_slices(_closing(coarse, closing_mm, sp_zyx * np.asarray(f)))

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .volume import Volume
+from .volume import Volume, nonzero_box
 
 
 @dataclass
@@ -96,9 +96,9 @@ def surface_mesh(mask: Volume, surface_voxel_mm: float = 0.0) -> tuple[np.ndarra
     sp_zyx = np.asarray(mask.spacing[::-1], float)
     f = tuple(max(1, int(round(surface_voxel_mm / s))) if surface_voxel_mm else 1 for s in sp_zyx)
     # crop to the mask's bounding box (plus one block) before averaging
-    nz = [np.flatnonzero(arr.any(axis=tuple(j for j in range(3) if j != k))) for k in range(3)]
-    lo = np.array([max(0, n[0] - fk) for n, fk in zip(nz, f)])
-    hi = np.array([min(s, n[-1] + 1 + fk) for n, fk, s in zip(nz, f, arr.shape)])
+    box = nonzero_box(arr, f)
+    lo = np.array([b.start for b in box])
+    hi = np.array([b.stop for b in box])
     frac = _block_mean(arr[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], f)
     frac = np.pad(frac, 1)
     verts, faces, _, _ = marching_cubes(frac, 0.5, allow_degenerate=False)

@@ -152,6 +152,28 @@ def read_volume(path: str | os.PathLike, mmap: bool = True) -> Volume:
     return Volume(sitk.GetArrayFromImage(sitk.ReadImage(str(path))), **geom)
 
 
+def nonzero_box(array: np.ndarray, margin=0) -> tuple[slice, slice, slice] | None:
+    """The (z, y, x) slices of the bounding box of the nonzero voxels of ``array``, grown by
+    ``margin`` voxels (one number, or one per axis) and clipped to the array; ``None`` when
+    ``array`` is all zero."""
+    a = np.asarray(array) != 0
+    margins = np.broadcast_to(np.asarray(margin, int), (3,))
+    box = []
+    for ax in range(3):
+        idx = np.flatnonzero(a.any(axis=tuple(j for j in range(3) if j != ax)))
+        if idx.size == 0:
+            return None
+        box.append(slice(max(0, int(idx[0] - margins[ax])), min(a.shape[ax], int(idx[-1] + 1 + margins[ax]))))
+    return tuple(box)
+
+
+def crop(vol: Volume, box) -> Volume:
+    """The part of ``vol`` inside ``box`` ((z, y, x) slices), with its origin moved to the box."""
+    start = [b.start for b in box]  # z, y, x
+    origin = vol.index_to_physical(np.asarray(start[::-1], float))
+    return Volume(np.ascontiguousarray(np.asarray(vol.array)[box]), vol.spacing, tuple(origin), vol.direction)
+
+
 # ------------------------------------------------------------------------------ slab-wise
 def slab_thickness(shape, slab_voxels: int | None = None, multiple: int = 1) -> int:
     """Slices (along z, axis 0) per slab of ``shape`` so that a slab holds at most about
