@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from femursr.provenance import import_names
 
 SCRIPTS = REPO / "workflow_scripts"
 ENVS = REPO / "envs"
@@ -215,15 +216,7 @@ def _imports(tree, package, *, lazy, is_script=False, backend=None):
     names = []
 
     def add(node):
-        if isinstance(node, ast.Import):
-            names.extend(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                mod = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
-            else:
-                mod = node.module
-            names.append(mod)
-            names.extend(f"{mod}.{a.name}" for a in node.names)  # `from pkg import module`
+        names.extend(import_names(node, package))
 
     def visit(stmts):
         for node in stmts:

@@ -40,6 +40,22 @@ def _package_of(root: Path, path: Path) -> list[str]:
     return parts[:-1]  # module a/b/c.py -> package a.b; a/b/__init__.py -> a.b
 
 
+def import_names(node: ast.AST, package: list[str]) -> list[str]:
+    """The dotted names an ``import`` or ``from ... import`` statement imports (for ``from m import
+    a``: ``m`` and ``m.a``, since ``a`` may be a module), relative imports resolved against
+    ``package`` (its parts); ``[]`` for any other node."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    if node.level:
+        base = package[: len(package) - node.level + 1]
+        mod = ".".join(base + ([node.module] if node.module else []))
+    else:
+        mod = node.module or ""
+    return [mod] + [f"{mod}.{a.name}" for a in node.names]  # `from pkg import module`
+
+
 def imported_modules(root: Path, path: Path) -> tuple[str, ...]:
     """The ``femursr`` modules that the Python file ``path`` imports anywhere in its source
     (``import femursr.x``, ``from femursr.x import y``, ``from .x import y``, ``from . import x``),
@@ -55,18 +71,7 @@ def _imported_modules(root: Path, path: Path, mtime_ns: int, size: int) -> tuple
     package = _package_of(root, path)
     found = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package[: len(package) - node.level + 1]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
-            names = [mod] + [f"{mod}.{a.name}" for a in node.names]  # `from pkg import module`
-        else:
-            continue
-        for name in names:
+        for name in import_names(node, package):
             if name != PACKAGE and not name.startswith(PACKAGE + "."):
                 continue
             parts = name.split(".")
